@@ -1,0 +1,3 @@
+from ramgpt.cli import app
+
+app()
