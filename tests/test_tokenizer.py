@@ -1,0 +1,253 @@
+"""The tokenizer lookup chain and the embedded byte-level BPE."""
+
+from __future__ import annotations
+
+import json
+import random
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ramgpt.errors import TokenizerError
+from ramgpt.tokenizer import (
+    EMBEDDED_TOKENIZER_DIR,
+    EOS_TOKEN,
+    TextTokenizer,
+    hub_reachable,
+    load_tokenizer,
+    train_byte_level_bpe,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+
+SAMPLES = [
+    "朝の駅で、猫が一匹ベンチの下に座っていた。",
+    "今日は東京タワーへ行った。カタカナ、ひらがな、漢字が混ざった文。",
+    "絵文字も大丈夫👍🏽🍣🇯🇵 と 👨‍👩‍👧‍👦",
+    "Mixed 日本語 and English, with numbers 3.14159 and ＡＢＣ全角.",
+    "  leading spaces, tabs\tand\nnewlines\r\n  ",
+    "𠮷野家の𩸽（ほっけ）は、基本多言語面の外の字。",
+    "combining: e\u0301 and 　全角スペース",
+    "literal <|endoftext|> inside a document",
+    "",
+]
+
+
+@pytest.fixture(scope="module")
+def tok() -> TextTokenizer:
+    return load_tokenizer("embedded")
+
+
+def _hub_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in (
+        "HF_HUB_OFFLINE",
+        "TRANSFORMERS_OFFLINE",
+        "HTTPS_PROXY",
+        "https_proxy",
+        "HTTP_PROXY",
+        "http_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+    ):
+        monkeypatch.delenv(var, raising=False)
+
+
+@pytest.mark.parametrize("text", SAMPLES)
+def test_round_trip_is_exact(tok: TextTokenizer, text: str) -> None:
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert tok.token_bytes(ids) == text.encode("utf-8")
+
+
+def test_random_unicode_has_no_unknowns(tok: TextTokenizer) -> None:
+    r = random.Random(0)
+    ranges = [
+        (0x20, 0x7E),
+        (0x3040, 0x30FF),
+        (0x4E00, 0x9FFF),
+        (0x1F300, 0x1FAFF),
+        (0x20000, 0x2A6DF),
+        (0xAC00, 0xD7A3),
+    ]
+    for _ in range(50):
+        text = "".join(chr(r.randint(*r.choice(ranges))) for _ in range(r.randint(1, 40)))
+        ids = tok.encode(text)
+        assert tok.decode(ids) == text
+        assert all(0 <= i < tok.vocab_size for i in ids)
+
+
+def test_encode_adds_no_special_tokens(tok: TextTokenizer) -> None:
+    assert tok.encode("") == []
+    ids = tok.encode("こんにちは")
+    assert tok.eos_id not in ids
+    # Special-token text inside a document is text, never the EOS id (no injected boundaries).
+    assert tok.eos_id not in tok.encode(f"a{EOS_TOKEN}b")
+
+
+def test_eos_and_vocab(tok: TextTokenizer) -> None:
+    assert tok.eos_token == EOS_TOKEN
+    assert tok.decode([tok.eos_id]) == EOS_TOKEN
+    assert tok.vocab_size <= 8192  # the micro-test profile has model.vocab_size 8192
+    assert tok.vocab_size > 1000  # a real BPE, not bytes only
+    assert tok.is_byte_level
+    assert tok.name == "embedded"
+    assert load_tokenizer("embedded") is tok  # cached
+
+
+def test_japanese_is_compressed(tok: TextTokenizer) -> None:
+    text = "今日はいい天気なので、公園へ散歩に行きました。"
+    assert len(tok.encode(text)) < len(text)  # fewer tokens than characters
+
+
+def test_token_bytes_expose_partial_characters(tok: TextTokenizer) -> None:
+    ids = tok.encode("🍣")  # not in the training corpus: several byte tokens
+    assert len(ids) > 1
+    head = tok.token_bytes(ids[:1])
+    with pytest.raises(UnicodeDecodeError):
+        head.decode("utf-8")
+    assert tok.token_bytes(ids).decode("utf-8") == "🍣"
+    assert tok.token_bytes([tok.eos_id]) == EOS_TOKEN.encode()
+
+
+def test_save_and_load_local_directory_and_file(tok: TextTokenizer, tmp_path: Path) -> None:
+    out = tok.save(tmp_path / "tok")
+    assert {p.name for p in out.iterdir()} >= {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"}
+    text = "保存したトークナイザーを読み直す。Save and reload."
+    for spec in (str(out), str(out / "tokenizer.json")):
+        again = load_tokenizer(spec)
+        assert again.encode(text) == tok.encode(text)
+        assert again.eos_id == tok.eos_id
+        assert again.fingerprint == tok.fingerprint
+        assert again.name == spec
+
+
+def test_local_tokenizer_without_eos_is_an_error(tok: TextTokenizer, tmp_path: Path) -> None:
+    data = json.loads((EMBEDDED_TOKENIZER_DIR / "tokenizer.json").read_text(encoding="utf-8"))
+    data["added_tokens"] = []
+    data["model"]["vocab"].pop(EOS_TOKEN)
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    with pytest.raises(TokenizerError, match="end-of-text"):
+        load_tokenizer(str(tmp_path))
+
+
+def test_transformers_autotokenizer_loads_the_shipped_directory(tok: TextTokenizer) -> None:
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(str(EMBEDDED_TOKENIZER_DIR))
+    assert hf.eos_token == EOS_TOKEN
+    assert hf.eos_token_id == tok.eos_id
+    for text in SAMPLES[:5]:
+        ids = hf.encode(text, add_special_tokens=False)
+        assert ids == tok.encode(text)
+        assert hf.decode(ids) == text
+
+
+def test_missing_local_path_is_one_clear_line() -> None:
+    for spec in ("./no/such/tokenizer", "/definitely/missing/tokenizer.json", "a/b/c"):
+        with pytest.raises(TokenizerError) as e:
+            load_tokenizer(spec)
+        msg = str(e.value)
+        assert "\n" not in msg
+        assert spec in msg and "does not exist" in msg
+
+
+def test_hub_name_offline_env_fails_fast(monkeypatch: pytest.MonkeyPatch) -> None:
+    _hub_env(monkeypatch)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    t0 = time.monotonic()
+    with pytest.raises(TokenizerError) as e:
+        load_tokenizer("ramgpt-test/not-a-cached-tokenizer")
+    assert time.monotonic() - t0 < 5
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert "'ramgpt-test/not-a-cached-tokenizer' is not in the local Hugging Face cache" in msg
+    assert "--tokenizer embedded" in msg
+
+
+def test_hub_name_without_network_fails_fast(monkeypatch: pytest.MonkeyPatch) -> None:
+    # No offline variable: the loader must notice by itself that the Hub cannot be reached.
+    _hub_env(monkeypatch)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: refused at once
+    t0 = time.monotonic()
+    with pytest.raises(TokenizerError) as e:
+        load_tokenizer("gpt2-ramgpt-test-not-cached")
+    assert time.monotonic() - t0 < 8
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert "cannot be reached" in msg and "embedded" in msg
+
+
+def test_hub_probe_times_out_on_a_silent_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A listening socket that never accepts: connections complete, no HTTP answer ever comes.
+    _hub_env(monkeypatch)
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
+        t0 = time.monotonic()
+        assert hub_reachable(timeout=1.0) is False
+        assert time.monotonic() - t0 < 3
+
+
+def test_hub_probe_counts_any_http_answer(monkeypatch: pytest.MonkeyPatch) -> None:
+    import http.server
+    import threading
+
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self) -> None:
+            self.send_response(404)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    _hub_env(monkeypatch)
+    with http.server.HTTPServer(("127.0.0.1", 0), NotFound) as server:
+        threading.Thread(target=server.handle_request, daemon=True).start()
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+        assert hub_reachable(timeout=2.0) is True
+
+
+def test_cached_hub_tokenizer_goes_through_transformers(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The Hub branch: a cached hit (local_files_only) is wrapped, named after the spec, and saved
+    with save_pretrained so the checkpoint copy loads again."""
+    import transformers
+
+    real = transformers.AutoTokenizer.from_pretrained
+    calls: list[tuple[str, dict]] = []
+
+    def fake(name: str, **kwargs: object) -> object:
+        calls.append((name, dict(kwargs)))
+        return real(str(EMBEDDED_TOKENIZER_DIR))
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", fake)
+    got = load_tokenizer("someorg/cached-tokenizer")
+    assert calls == [("someorg/cached-tokenizer", {"local_files_only": True})]
+    assert got.name == "someorg/cached-tokenizer"
+    assert got.eos_id == 0
+    assert got.encode("キャッシュ済み") == load_tokenizer("embedded").encode("キャッシュ済み")
+    saved = got.save(tmp_path / "ckpt_tok")
+    assert load_tokenizer(str(saved)).fingerprint == got.fingerprint
+
+
+def test_train_byte_level_bpe_handles_unseen_text() -> None:
+    tok = train_byte_level_bpe(["ねこがねこをよぶ。", "いぬといぬ。"] * 5, vocab_size=300, name="tiny")
+    assert tok.vocab_size <= 300
+    assert tok.eos_id == 0
+    unseen = "未知の文字列🦊 and English"
+    assert tok.decode(tok.encode(unseen)) == unseen
+
+
+def test_build_script_reproduces_the_shipped_files() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "build_tokenizer.py"), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "match a rebuild" in proc.stdout
