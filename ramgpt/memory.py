@@ -1,0 +1,1177 @@
+"""Predict what a profile needs: GPU memory, CPU RAM, disk and PCIe traffic (pure arithmetic).
+
+Every number here is a sum of named tensors (docs/memory-model.md lists each one and why it
+exists); the per-token activation counts follow Korthikanti et al. 2022, "Reducing Activation
+Recomputation in Large Transformer Models" (arXiv:2205.05198), adapted to SDPA/flash attention
+(no s^2 score matrix is ever saved) and no dropout. The constants that are not tensor sizes
+(CUDA context, allocator fragmentation, torch's own RSS, workspaces) were measured and are
+named in :class:`Assumptions`.
+
+Nothing here imports torch or allocates anything: ``estimate`` answers in milliseconds. Only
+:func:`detect_vram` / :func:`detect_ram` look at the machine (NVML and psutil), and
+``estimate(..., detect=False)`` skips them.
+
+The engines call :func:`choose_engine` (``runtime.engine=auto``), :func:`max_seqs_per_pass`
+(streamed, ``runtime.seqs_per_pass`` unset) and :func:`largest_micro_batch` (resident). Their
+``vram_bytes`` is what the caching allocator may use: the VRAM budget, or the free memory
+reported *after* the CUDA context exists (``torch.cuda.mem_get_info()[0]``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ramgpt.config import ModelConfig, Profile
+
+GiB = 2**30
+MiB = 2**20
+
+Engine = Literal["resident", "streamed"]
+
+
+# ---------------------------------------------------------------------------------------------
+# assumptions
+
+
+@dataclass(frozen=True)
+class Assumptions:
+    """Everything the estimate assumes that is not a tensor shape. Defaults were measured with
+    torch 2.11 + CUDA 13 on an H100 80GB (GPU side) and torch 2.13 CPU on 2 cores (CPU side);
+    docs/memory-model.md has the measurements."""
+
+    link_gbps: float = 12.0
+    """Host<->device copy rate (GB/s) for pinned memory: PCIe 4.0 x8, as on an RTX 3050."""
+    link_source: str = "assumed: PCIe 4.0 x8 (RTX 3050 class)"
+    cuda_context_bytes: int = 768 * MiB
+    """CUDA context + kernel images: outside the caching allocator, so outside the budget.
+    Measured 765 MiB on the H100; consumer cards are usually 300-500 MiB."""
+    workspace_bytes: int = 64 * MiB
+    """cuBLAS/cuDNN workspaces and small buffers the allocator holds (measured 66-69 MB)."""
+    headroom_resident: float = 0.10
+    """Allocator slack on top of the live peak that a capped (budget) or full card still needs
+    (the allocator frees its cache and retries before it reports out of memory), resident
+    engine: measured peak reserved / peak allocated 1.03-1.11."""
+    headroom_streamed: float = 0.25
+    """Same for the streamed engine. Measured under a 5.1 GiB cap on the H100 (1b): a live peak
+    of 4.36 GB ran (x1.26 fits), 4.82 GB ran out of memory (x1.14 does not)."""
+    frag_resident: float = 0.05
+    """Peak reserved / peak allocated with memory to spare, resident engine (measured 1.03-1.11)."""
+    frag_streamed: float = 0.35
+    """Same for the streamed engine, default allocator (measured 1.28-1.42: streaming chunks of
+    different sizes through the cache fragments it); 0.20 with expandable_segments."""
+    expandable_segments: bool = False
+    fused_adamw: bool = True
+    """The engines use ``AdamW(fused=True)``: no optimizer-step temporaries."""
+    autocast_weight_cache: bool = True
+    """torch.autocast keeps a bf16 copy of every fp32 Linear weight it casts until the autocast
+    region ends (the resident engine's forward): L x (12C^2 + 9C) x 2 bytes."""
+    streamed_autocast: bool = True
+    """The streamed engine runs its bf16 chunks under autocast, so LayerNorms save fp32 copies
+    of their inputs (6 extra bytes per token per C in a block) and ln_f's output is fp32."""
+    pinned_rounding: Literal["pow2", "exact"] = "pow2"
+    """torch's pinned host allocator rounds each allocation up to a power of two; ramtorch pins
+    every parameter tensor separately (a 18 MiB weight takes 32 MiB)."""
+    pinned_overhead: float = 0.04
+    """Extra RSS per pinned byte (driver bookkeeping; measured +4%)."""
+    grad_slots: int = 4
+    """Pinned D2H staging slots of the streamed engine, each the size of the largest chunk."""
+    cpu_baseline_bytes: int = 264 * MiB
+    """RSS of a CPU-only process after ``import torch, ramgpt.model`` and a first op
+    (torch 2.13 CPU, Python 3.11: bare ``import torch`` is 243 MiB)."""
+    cuda_baseline_bytes: int = 1380 * MiB
+    """RSS of a CUDA training process before its own tensors (torch 2.11 + CUDA 13 libraries,
+    kernels loaded; measured 1357-1414 MiB)."""
+    cpu_heap_frag: float = 0.45
+    """CPU training: the C allocator keeps freed activations (glibc raises its mmap threshold
+    to 32 MiB, so mid-sized tensors come from a heap that fragments); peak RSS exceeds the live
+    peak by this share of the transient (activation + loss) bytes. Fitted on five models."""
+    cpu_first_step_bytes: int = 90 * MiB
+    """CPU training: RSS the first forward/backward/AdamW step adds beyond tensors (oneDNN and
+    autograd scratch, thread arenas)."""
+    datasets_bytes: int = 90 * MiB
+    """RSS added by ``import datasets`` (measured 85 MiB)."""
+    wandb_bytes: int = 60 * MiB
+    doc_bytes: int = 8 * 1024
+    """Average document held in the streaming shuffle buffer."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+DEFAULT_ASSUMPTIONS = Assumptions()
+
+
+# ---------------------------------------------------------------------------------------------
+# small records
+
+
+@dataclass(frozen=True)
+class Term:
+    """One named line of a breakdown."""
+
+    name: str
+    bytes: int
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "bytes": int(self.bytes), "gib": round(self.bytes / GiB, 3), "note": self.note}
+
+
+def _total(terms: list[Term] | tuple[Term, ...]) -> int:
+    return int(sum(t.bytes for t in terms))
+
+
+@dataclass(frozen=True)
+class ChunkSize:
+    name: str
+    params: int
+    tensors: tuple[int, ...]  # element counts of each parameter tensor in the chunk
+
+
+@dataclass(frozen=True)
+class _Dtypes:
+    """Bytes per element of the tensors one pass touches."""
+
+    weight: int  # weights the matmuls read (fp32 masters resident, bf16 copies streamed)
+    act: int  # matmul inputs/outputs (compute dtype)
+    resid: int  # residual stream / chunk boundaries
+    ln_in: int  # what LayerNorm saves of its input
+    lnf_out: int  # ln_f output fed to the loss
+
+
+@dataclass(frozen=True)
+class GpuEstimate:
+    engine: str
+    seqs: int  # micro-batch (resident) or seqs_per_pass (streamed)
+    tokens: int
+    peak_phase: str
+    terms: tuple[Term, ...]  # live tensors at the peak phase, then workspaces and headroom
+    live_bytes: int
+    need_bytes: int  # live + headroom: what must fit the budget
+    expected_reserved_bytes: int  # peak reserved when memory is plentiful (no cap)
+    context_bytes: int
+    activations_checkpointed_bytes: int
+    activations_full_bytes: int
+    phases: dict[str, int]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "engine": self.engine,
+            "seqs": self.seqs,
+            "tokens": self.tokens,
+            "peak_phase": self.peak_phase,
+            "terms": [t.to_dict() for t in self.terms],
+            "live_bytes": self.live_bytes,
+            "need_bytes": self.need_bytes,
+            "expected_reserved_bytes": self.expected_reserved_bytes,
+            "context_bytes": self.context_bytes,
+            "on_card_bytes": self.need_bytes + self.context_bytes,
+            "activations_checkpointed_bytes": self.activations_checkpointed_bytes,
+            "activations_full_bytes": self.activations_full_bytes,
+            "phases": dict(self.phases),
+        }
+
+
+@dataclass(frozen=True)
+class PcieEstimate:
+    passes_per_step: int
+    h2d_bytes: int
+    d2h_bytes: int
+    link_gbps: float
+    link_source: str
+
+    @property
+    def h2d_s(self) -> float:
+        return self.h2d_bytes / (self.link_gbps * 1e9)
+
+    @property
+    def d2h_s(self) -> float:
+        return self.d2h_bytes / (self.link_gbps * 1e9)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "passes_per_step": self.passes_per_step,
+            "h2d_bytes": self.h2d_bytes,
+            "d2h_bytes": self.d2h_bytes,
+            "link_gbps": self.link_gbps,
+            "link_source": self.link_source,
+            "h2d_s": round(self.h2d_s, 4),
+            "d2h_s": round(self.d2h_s, 4),
+            # H2D and D2H use separate copy engines and PCIe is full duplex
+            "transfer_s_duplex": round(max(self.h2d_s, self.d2h_s), 4),
+            "transfer_s_serial": round(self.h2d_s + self.d2h_s, 4),
+        }
+
+
+@dataclass(frozen=True)
+class DiskEstimate:
+    model_bytes: int
+    optimizer_bytes: int
+    small_bytes: int
+    keep_last_n: int
+
+    @property
+    def per_checkpoint(self) -> int:
+        return self.model_bytes + self.optimizer_bytes + self.small_bytes
+
+    @property
+    def kept(self) -> int:
+        return self.per_checkpoint * self.keep_last_n
+
+    @property
+    def worst_case(self) -> int:
+        # the best-eval checkpoint is kept too, and a new one is written before the oldest goes
+        return self.per_checkpoint * (self.keep_last_n + 2)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model_bytes": self.model_bytes,
+            "optimizer_bytes": self.optimizer_bytes,
+            "small_bytes": self.small_bytes,
+            "per_checkpoint_bytes": self.per_checkpoint,
+            "keep_last_n": self.keep_last_n,
+            "kept_bytes": self.kept,
+            "worst_case_bytes": self.worst_case,
+        }
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    profile: str
+    engine: str
+    engine_requested: str
+    engine_reason: str
+    device: str  # "cuda" or "cpu"
+    precision: str
+    seq_len: int
+    micro_batch_size: int
+    seqs_per_step: int
+    seqs_per_pass: int | None
+    params: dict[str, int]
+    gpu: GpuEstimate | None
+    cpu_terms: tuple[Term, ...]
+    cpu_bytes: int
+    disk: DiskEstimate
+    pcie: PcieEstimate
+    vram_bytes: int | None  # the budget the allocator may use
+    vram_source: str
+    card_bytes: int | None  # the card's memory (free), when known
+    ram_bytes: int | None
+    ram_source: str
+    fits_vram: bool | None
+    fits_ram: bool | None
+    largest_micro_batch: int | None
+    max_seqs_per_pass: int | None
+    advice: tuple[str, ...]
+    assumptions: tuple[str, ...]
+    notes: tuple[str, ...]
+    assumption_values: Assumptions = field(default_factory=Assumptions)
+
+    @property
+    def fits(self) -> bool:
+        return self.fits_vram is not False and self.fits_ram is not False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "profile": self.profile,
+            "engine": self.engine,
+            "engine_requested": self.engine_requested,
+            "engine_reason": self.engine_reason,
+            "device": self.device,
+            "precision": self.precision,
+            "seq_len": self.seq_len,
+            "micro_batch_size": self.micro_batch_size,
+            "seqs_per_step": self.seqs_per_step,
+            "seqs_per_pass": self.seqs_per_pass,
+            "params": dict(self.params),
+            "gpu": self.gpu.to_dict() if self.gpu else None,
+            "cpu": {"terms": [t.to_dict() for t in self.cpu_terms], "total_bytes": self.cpu_bytes},
+            "disk": self.disk.to_dict(),
+            "pcie": self.pcie.to_dict(),
+            "vram_bytes": self.vram_bytes,
+            "vram_source": self.vram_source,
+            "card_bytes": self.card_bytes,
+            "ram_bytes": self.ram_bytes,
+            "ram_source": self.ram_source,
+            "fits_vram": self.fits_vram,
+            "fits_ram": self.fits_ram,
+            "fits": self.fits,
+            "largest_micro_batch": self.largest_micro_batch,
+            "max_seqs_per_pass": self.max_seqs_per_pass,
+            "advice": list(self.advice),
+            "assumptions": list(self.assumptions),
+            "notes": list(self.notes),
+            "assumption_values": self.assumption_values.to_dict(),
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# parameters and chunks
+
+
+def _block_tensors(cfg: ModelConfig) -> tuple[int, ...]:
+    C, b = cfg.n_embd, cfg.bias
+    t = [C, 3 * C * C, C * C, C, 4 * C * C, 4 * C * C]  # ln_1.w, c_attn.w, attn.c_proj.w, ln_2.w, c_fc.w, mlp.c_proj.w
+    if b:
+        t += [C, 3 * C, C, C, 4 * C, C]  # ln_1.b, c_attn.b, attn.c_proj.b, ln_2.b, c_fc.b, mlp.c_proj.b
+    return tuple(t)
+
+
+def chunk_sizes(cfg: ModelConfig) -> list[ChunkSize]:
+    """The streamed chunks ``[embed, block_0..block_{L-1}, head]``; the head holds its own copy
+    of the (tied) output weight."""
+    C, V, P = cfg.n_embd, cfg.vocab_size, cfg.block_size
+    blk = _block_tensors(cfg)
+    head = (C, V * C) + ((C,) if cfg.bias else ())
+    out = [ChunkSize("embed", V * C + P * C, (V * C, P * C))]
+    out += [ChunkSize(f"block_{i}", sum(blk), blk) for i in range(cfg.n_layer)]
+    out.append(ChunkSize("head", sum(head), head))
+    return out
+
+
+def _linear_params(cfg: ModelConfig) -> int:
+    """Weights + biases of the Linear layers in all blocks (what autocast casts and caches)."""
+    C = cfg.n_embd
+    return cfg.n_layer * (12 * C * C + (9 * C if cfg.bias else 0))
+
+
+def _block_params(cfg: ModelConfig) -> int:
+    return sum(_block_tensors(cfg))
+
+
+def _param_counts(cfg: ModelConfig) -> dict[str, int]:
+    """Same numbers as ``ramgpt.model.count_parameters_by_component`` (checked by a test),
+    computed here so that estimating never imports torch."""
+    C, V, P = cfg.n_embd, cfg.vocab_size, cfg.block_size
+    ln = C * (2 if cfg.bias else 1)
+    blocks = cfg.n_layer * _block_params(cfg)
+    head = ln + (0 if cfg.tie_embeddings else V * C)
+    emb = V * C + P * C
+    return {"embeddings": emb, "blocks": blocks, "head": head, "total": emb + blocks + head}
+
+
+def pinned_bytes(nbytes: int, a: Assumptions = DEFAULT_ASSUMPTIONS) -> int:
+    """Host bytes one pinned allocation of ``nbytes`` takes (power-of-two rounding)."""
+    if nbytes <= 0:
+        return 0
+    if a.pinned_rounding == "exact":
+        return nbytes
+    return 1 << (int(nbytes) - 1).bit_length()
+
+
+# ---------------------------------------------------------------------------------------------
+# per-token activation accounting (bytes per token per hidden unit C)
+
+
+def block_saved_per_token(d: _Dtypes) -> int:
+    """Bytes per token per C that one block saves for backward, its input excluded.
+
+    c_attn input (a) + qkv (3a; SDPA saves q, k, v as views of it, plus out and a logsumexp)
+    + attention output (a) + c_fc input (a) + GELU input (4a) + c_proj input (4a) = 14a, plus
+    the LayerNorms: ln_2 saves its input (the mid-block residual, or an fp32 copy of it under
+    autocast) and ln_1 saves the block input itself (counted as the boundary) or a copy of it.
+    Korthikanti et al.: 34 sbh + 5 a s^2 b with dropout masks and materialised attention;
+    without dropout (-2) and with SDPA (no s^2 terms) it is 32 sbh in bf16, the block input
+    (2 sbh) included.
+    """
+    ln1_copy = 0 if d.ln_in == d.resid else d.ln_in
+    return 14 * d.act + d.ln_in + ln1_copy
+
+
+def block_backward_per_token(d: _Dtypes) -> int:
+    """Bytes per token per C live while one block back-propagates (saved tensors of the
+    recomputed block, the recompute output, and the MLP's gradients at the GELU backward),
+    not counting the incoming gradient. Measured slope on the H100, bf16 without autocast:
+    42.3 bytes/token/C including the incoming gradient (this gives 40 + 2)."""
+    return block_saved_per_token(d) + 4 * d.act + d.resid
+
+
+def _dtypes(engine: str, precision_bytes: int, a: Assumptions) -> _Dtypes:
+    if precision_bytes == 4:
+        return _Dtypes(weight=4, act=4, resid=4, ln_in=4, lnf_out=4)
+    if engine == "resident":  # fp32 masters under autocast: residual stream stays fp32
+        return _Dtypes(weight=4, act=2, resid=4, ln_in=4, lnf_out=4)
+    if a.streamed_autocast:
+        return _Dtypes(weight=2, act=2, resid=2, ln_in=4, lnf_out=4)
+    return _Dtypes(weight=2, act=2, resid=2, ln_in=2, lnf_out=2)
+
+
+def _loss_loop_bytes(T: int, C: int, V: int, chunk: int, d: _Dtypes) -> int:
+    """Peak of the chunked output layer + cross-entropy loop (ramgpt.loss), with gradients.
+
+    Per chunk of n tokens: fp32 logits (4nV) and logsumexp's temporary (4nV) while the previous
+    chunk's softmax grad is still referenced (cast to the compute dtype; in fp32 it *is* the
+    previous chunk's logits); then the softmax grad in the compute dtype (a*nV) next to the fp32
+    logits, and the V x C weight-grad product (a*VC) with its fp32 copy (4VC)."""
+    full, rem = divmod(T, chunk)
+    ns = [chunk] * full + ([rem] if rem else [])
+    prev_b = 4 if d.act == 4 else d.act
+    p_cast = d.act if d.act != 4 else 0
+    mm = d.act * V * C + (4 * V * C if d.act != 4 else 0)
+    peak = 0
+    for i, n in enumerate(ns):
+        prev = prev_b * ns[i - 1] * V if i else 0
+        peak = max(peak, prev + 8 * n * V, 4 * n * V + p_cast * n * V + mm)
+    return peak
+
+
+def _head_forward_terms(T: int, cfg: ModelConfig, chunk: int, d: _Dtypes) -> list[Term]:
+    """Live tensors in the head while the fused loss runs with gradients (its peak)."""
+    C, V = cfg.n_embd, cfg.vocab_size
+    out = []
+    if d.ln_in != d.resid:
+        out.append(Term("ln_f saved input (fp32 copy)", T * C * d.ln_in))
+    out.append(Term("ln_f output", T * C * d.lnf_out))
+    if d.lnf_out != d.act:
+        out.append(Term("hidden states in compute dtype", T * C * d.act))
+    if d.weight != d.act:
+        out.append(Term("output weight in compute dtype", V * C * d.act))
+    out.append(Term("grad of hidden states (saved)", T * C * d.act))
+    out.append(Term("fp32 grad of the output weight (V x C x 4)", V * C * 4))
+    n = min(chunk, T)
+    out.append(Term(f"loss chunk: logits + softmax grad ({n} tokens)", _loss_loop_bytes(T, C, V, chunk, d)))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: resident engine
+
+
+def _precision_bytes(profile: Profile, device: str) -> int:
+    p = profile.runtime.precision
+    if p == "fp32" or device == "cpu":
+        return 4
+    return 2
+
+
+def _resident_phases(
+    profile: Profile, mb: int, device: str, a: Assumptions, checkpointing: bool | None = None
+) -> tuple[dict[str, list[Term]], int, int]:
+    """Live terms at each candidate peak of the resident engine, plus the activation totals
+    (checkpointed, full) for the report."""
+    cfg = profile.model
+    C, L = cfg.n_embd, cfg.n_layer
+    pb = _precision_bytes(profile, device)
+    d = _dtypes("resident", pb, a)
+    ckpt = profile.runtime.gradient_checkpointing and device != "cpu" if checkpointing is None else checkpointing
+    T = mb * profile.data.seq_len
+    N = _param_counts(cfg)["total"]
+    chunk = profile.runtime.loss_chunk_tokens
+
+    static = [
+        Term("fp32 weights", 4 * N),
+        Term("fp32 gradients", 4 * N),
+        Term("AdamW state (exp_avg + exp_avg_sq, fp32)", 8 * N),
+    ]
+    cache = []
+    if d.act == 2 and a.autocast_weight_cache:
+        cache = [Term("autocast bf16 weight cache (forward)", _linear_params(cfg) * d.act)]
+    ids = Term("token ids + targets", 2 * T * 8)
+    per_block_full = block_saved_per_token(d) + (d.resid if d.ln_in == d.resid else 0)
+    act_ckpt = (L + 1) * T * C * d.resid
+    act_full = L * T * C * per_block_full + T * C * d.resid
+    head = _head_forward_terms(T, cfg, chunk, d)
+    if ckpt:
+        acts = Term(f"block inputs kept for recompute ({L + 1} x tokens x C x {d.resid})", act_ckpt)
+    else:
+        acts = Term(f"saved activations, all {L} blocks ({per_block_full} B/token/C each)", act_full)
+    phases: dict[str, list[Term]] = {}
+    phases["forward (loss)"] = [*static, *cache, ids, acts, *head]
+
+    # backward of the last block (checkpointed: recompute + grads of one block)
+    blk = _block_params(cfg)
+    bwd_acts = Term(
+        f"one block recomputed + its backward ({block_backward_per_token(d)} B/token/C)",
+        T * C * block_backward_per_token(d)
+        if ckpt
+        else T * C * (block_backward_per_token(d) - block_saved_per_token(d)),
+    )
+    phases["backward (last block)"] = [
+        *static,
+        ids,
+        Term("block inputs (boundaries)", L * T * C * d.resid)
+        if ckpt
+        else Term("saved activations", act_full - T * C * d.resid),
+        Term("incoming gradient", T * C * d.resid),
+        bwd_acts,
+        Term("block weights in compute dtype + grad temporaries", blk * (d.act if d.act != 4 else 0) + 2 * blk * d.act),
+    ]
+    opt = [*static]
+    if not a.fused_adamw:
+        opt.append(Term("AdamW foreach temporaries", 4 * N))
+    phases["optimizer step"] = opt
+    return phases, act_ckpt, act_full
+
+
+def _finish_gpu(
+    engine: str, seqs: int, tokens: int, phases: dict[str, list[Term]], act_ckpt: int, act_full: int, a: Assumptions
+) -> GpuEstimate:
+    totals = {k: _total(v) for k, v in phases.items()}
+    peak_phase = max(totals, key=lambda k: totals[k])
+    live = totals[peak_phase] + a.workspace_bytes
+    share = a.headroom_resident if engine == "resident" else a.headroom_streamed
+    headroom = int(live * share)
+    terms = (
+        *phases[peak_phase],
+        Term("cuBLAS/cuDNN workspaces", a.workspace_bytes),
+        Term(f"allocator headroom (+{share:.0%} of the live peak)", headroom),
+    )
+    frag = a.frag_resident if engine == "resident" else (0.20 if a.expandable_segments else a.frag_streamed)
+    return GpuEstimate(
+        engine=engine,
+        seqs=seqs,
+        tokens=tokens,
+        peak_phase=peak_phase,
+        terms=terms,
+        live_bytes=live,
+        need_bytes=live + headroom,
+        expected_reserved_bytes=int(live * (1 + frag)),
+        context_bytes=a.cuda_context_bytes,
+        activations_checkpointed_bytes=act_ckpt,
+        activations_full_bytes=act_full,
+        phases={k: v + a.workspace_bytes for k, v in totals.items()},
+    )
+
+
+def resident_gpu(
+    profile: Profile,
+    micro_batch: int | None = None,
+    *,
+    a: Assumptions = DEFAULT_ASSUMPTIONS,
+    checkpointing: bool | None = None,
+) -> GpuEstimate:
+    """GPU memory of the resident engine (weights, grads and AdamW on the card)."""
+    mb = micro_batch or profile.optim.micro_batch_size
+    phases, ac, af = _resident_phases(profile, mb, "cuda", a, checkpointing)
+    return _finish_gpu("resident", mb, mb * profile.data.seq_len, phases, ac, af, a)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: streamed engine
+
+
+def _evenly_pinned(n: int, k: int) -> set[int]:
+    # same choice as ramtorch.offload_simulator.evenly_pinned
+    k = min(k, n)
+    return {i * n // k for i in range(k)} if k else set()
+
+
+def _window_bytes(sizes: list[int], streamed: list[int], window: int) -> int:
+    """Largest sum of ``window`` chunks that are resident together: consecutive streamed
+    chunks of the chain (the itinerary is F0..Fn-1, Bn-1..B0, so residency slides)."""
+    if not streamed:
+        return 0
+    w = min(window, len(streamed))
+    vals = [sizes[i] for i in streamed]
+    return max(sum(vals[i : i + w]) for i in range(len(vals) - w + 1))
+
+
+def streamed_gpu(profile: Profile, seqs_per_pass: int, *, a: Assumptions = DEFAULT_ASSUMPTIONS) -> GpuEstimate:
+    """GPU memory of the streamed engine for ``seqs_per_pass`` sequences per weight pass."""
+    cfg = profile.model
+    rt = profile.runtime
+    C, L = cfg.n_embd, cfg.n_layer
+    pb = _precision_bytes(profile, "cuda")
+    d = _dtypes("streamed", pb, a)
+    S = seqs_per_pass
+    T = S * profile.data.seq_len
+    chunks = chunk_sizes(cfg)
+    n = len(chunks)
+    sizes = [c.params * d.weight for c in chunks]
+    pinned = _evenly_pinned(n, rt.stream_pin)
+    streamed = [i for i in range(n) if i not in pinned]
+    window = Term(
+        f"streamed weight window ({rt.stream_window} chunks, bf16)", _window_bytes(sizes, streamed, rt.stream_window)
+    )
+    pins = []
+    if pinned:
+        pb_ = sum(sizes[i] for i in pinned)
+        pins.append(Term(f"pinned chunks ({len(pinned)}) + their GPU grad accumulators", 2 * pb_))
+    ids = Term("token ids + targets", 2 * T * 8)
+    bnd = T * C * d.resid
+    head_grads = Term("head chunk grads (in flight to the host)", sizes[-1] if (n - 1) not in pinned else 0)
+    blk = sizes[1] if L else 0
+    phases: dict[str, list[Term]] = {}
+    phases["head recompute (loss)"] = [
+        window,
+        *pins,
+        ids,
+        Term(f"chunk-boundary activations ({L + 1} x {S} seqs)", (L + 1) * bnd),
+        *_head_forward_terms(T, cfg, rt.loss_chunk_tokens, d),
+    ]
+    phases["backward (last block)"] = [
+        window,
+        *pins,
+        ids,
+        Term(f"chunk-boundary activations ({L} x {S} seqs)", L * bnd),
+        Term("incoming gradient", bnd),
+        Term(
+            f"one block recomputed + its backward ({block_backward_per_token(d)} B/token/C)",
+            T * C * block_backward_per_token(d),
+        ),
+        Term("block grads (bf16) + backward temporaries/workspaces (measured)", 5 * blk),
+        head_grads,
+    ]
+    act_ckpt = (L + 1) * bnd
+    act_full = L * T * C * (block_saved_per_token(d) + d.resid) + bnd
+    return _finish_gpu("streamed", S, T, phases, act_ckpt, act_full, a)
+
+
+# ---------------------------------------------------------------------------------------------
+# searches the engines call
+
+
+def _fits(need: int, vram_bytes: int) -> bool:
+    return need <= vram_bytes
+
+
+def _largest(fn, hi: int) -> int:
+    """Largest k in [1, hi] with fn(k) True, for a monotone fn; 0 when fn(1) is False."""
+    if hi < 1 or not fn(1):
+        return 0
+    lo = 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fn(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def max_seqs_per_pass(profile: Profile, vram_bytes: int, *, a: Assumptions = DEFAULT_ASSUMPTIONS) -> int:
+    """Largest sequences per weight pass (at most ``optim.seqs_per_step``) whose streamed-engine
+    peak, with allocator headroom, fits ``vram_bytes``; 0 when not even one fits."""
+    return _largest(lambda s: _fits(streamed_gpu(profile, s, a=a).need_bytes, vram_bytes), profile.optim.seqs_per_step)
+
+
+def largest_micro_batch(profile: Profile, vram_bytes: int, *, a: Assumptions = DEFAULT_ASSUMPTIONS) -> int:
+    """Largest resident-engine micro-batch (at most ``optim.seqs_per_step``) that fits
+    ``vram_bytes``; 0 when not even one sequence fits."""
+    return _largest(lambda b: _fits(resident_gpu(profile, b, a=a).need_bytes, vram_bytes), profile.optim.seqs_per_step)
+
+
+def choose_engine(profile: Profile, vram_bytes: int | None, *, a: Assumptions = DEFAULT_ASSUMPTIONS) -> Engine:
+    """``runtime.engine`` when it is explicit; for ``auto``: resident when the resident estimate
+    (at ``optim.micro_batch_size``) fits ``vram_bytes``, else streamed. No GPU (None) -> resident."""
+    if profile.runtime.engine != "auto":
+        return profile.runtime.engine  # type: ignore[return-value]
+    if not vram_bytes or vram_bytes <= 0:
+        return "resident"
+    if resident_gpu(profile, a=a).need_bytes <= vram_bytes:
+        return "resident"
+    return "streamed"
+
+
+# ---------------------------------------------------------------------------------------------
+# PCIe
+
+
+def _belady_loads(sizes: list[int], streamed: list[int], window: int, passes: int) -> int:
+    """Bytes loaded host->device in one optimizer step: ``passes`` times the itinerary
+    F(0..n-1), B(n-1..0) over the streamed chunks, ``window`` slots (the chunk in use
+    included), farthest-next-use eviction (ramtorch's policy), starting empty because the
+    engine drops GPU copies after each optimizer step."""
+    if not streamed:
+        return 0
+    itin = (streamed + streamed[::-1]) * passes
+    n = len(itin)
+    nxt = [n] * n  # position of the next use of itin[pos] after pos
+    last: dict[int, int] = {}
+    for pos in range(n - 1, -1, -1):
+        nxt[pos] = last.get(itin[pos], n)
+        last[itin[pos]] = pos
+    resident: dict[int, int] = {}  # chunk -> its next use
+    loaded = 0
+    for pos, c in enumerate(itin):
+        if c not in resident:
+            loaded += sizes[c]
+            if len(resident) >= window:
+                victim = max(resident, key=lambda k: resident[k])
+                del resident[victim]
+        resident[c] = nxt[pos]
+    return loaded
+
+
+def pcie_per_step(
+    profile: Profile, seqs_per_pass: int, engine: str, *, a: Assumptions = DEFAULT_ASSUMPTIONS
+) -> PcieEstimate:
+    """Host<->device bytes of one optimizer step."""
+    seq = profile.data.seq_len
+    per_step = profile.optim.seqs_per_step
+    if engine != "streamed":
+        tokens = per_step * seq
+        return PcieEstimate(
+            passes_per_step=math.ceil(per_step / max(1, profile.optim.micro_batch_size)),
+            h2d_bytes=2 * tokens * 8,
+            d2h_bytes=0,
+            link_gbps=a.link_gbps,
+            link_source=a.link_source,
+        )
+    cfg = profile.model
+    pb = _precision_bytes(profile, "cuda")
+    chunks = chunk_sizes(cfg)
+    sizes = [c.params * pb for c in chunks]
+    pinned = _evenly_pinned(len(chunks), profile.runtime.stream_pin)
+    streamed = [i for i in range(len(chunks)) if i not in pinned]
+    passes = math.ceil(per_step / max(1, seqs_per_pass))
+    h2d = _belady_loads(sizes, streamed, profile.runtime.stream_window, passes) + 2 * per_step * seq * 8
+    d2h = passes * sum(sizes[i] for i in streamed)
+    return PcieEstimate(passes, h2d, d2h, a.link_gbps, a.link_source)
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU RAM
+
+
+def _data_terms(profile: Profile, seqs: int, a: Assumptions) -> list[Term]:
+    d = profile.data
+    out = [Term("batch buffers (ids + targets, prefetch x2)", 2 * 2 * seqs * d.seq_len * 8)]
+    if d.source in ("hub", "json", "parquet"):
+        out.append(Term("datasets library", a.datasets_bytes))
+        out.append(
+            Term(
+                f"shuffle buffer ({d.shuffle_buffer} docs x {a.doc_bytes // 1024} KiB assumed)",
+                d.shuffle_buffer * a.doc_bytes,
+            )
+        )
+    else:
+        out.append(Term("corpus + tokenizer in memory", 4 * MiB))
+    if profile.logging.use_wandb:
+        out.append(Term("wandb client", a.wandb_bytes))
+    return out
+
+
+def _cpu_terms(profile: Profile, engine: str, device: str, seqs: int, a: Assumptions) -> list[Term]:
+    cfg = profile.model
+    N = _param_counts(cfg)["total"]
+    out: list[Term] = []
+    if device == "cpu":
+        out.append(Term("Python + torch baseline (CPU build)", a.cpu_baseline_bytes))
+        phases, _, _ = _resident_phases(profile, seqs, "cpu", a)
+        name = max(phases, key=lambda k: _total(phases[k]))
+        static = {"fp32 weights", "fp32 gradients", "AdamW state (exp_avg + exp_avg_sq, fp32)"}
+        transient = 0
+        for t in phases[name]:
+            out.append(Term(t.name, t.bytes, f"peak phase: {name}"))
+            transient += 0 if t.name in static else t.bytes
+        out.append(Term("C heap fragmentation (freed activations kept; measured)", int(transient * a.cpu_heap_frag)))
+        out.append(Term("first-step overhead (oneDNN/autograd scratch; measured)", a.cpu_first_step_bytes))
+        if not a.fused_adamw:
+            largest = max(max(c.tensors) for c in chunk_sizes(cfg))
+            out.append(Term("AdamW per-tensor temporaries", 2 * 4 * largest))
+    elif engine == "resident":
+        out.append(Term("Python + torch + CUDA libraries baseline", a.cuda_baseline_bytes))
+        out.append(
+            Term(
+                "checkpoint save: model + AdamW state copied to CPU",
+                12 * N,
+                "the fp32 model is built on the CPU first (4N)",
+            )
+        )
+    else:
+        out.append(Term("Python + torch + CUDA libraries baseline", a.cuda_baseline_bytes))
+        out.append(Term("fp32 master weights", 4 * N))
+        out.append(Term("fp32 gradient accumulators", 4 * N))
+        out.append(Term("AdamW state (exp_avg + exp_avg_sq, fp32)", 8 * N))
+        pb = _precision_bytes(profile, "cuda")
+        chunks = chunk_sizes(cfg)
+        pinned = sum(pinned_bytes(t * pb, a) for c in chunks for t in c.tensors)
+        exact = sum(c.params * pb for c in chunks)
+        out.append(
+            Term(
+                "pinned bf16 copies of every chunk (wte twice)",
+                int(pinned * (1 + a.pinned_overhead)),
+                f"{exact / GiB:.2f} GiB of tensors; pinned allocations round up to powers of two",
+            )
+        )
+        slot = max(sum(-(-t * pb // 64) * 64 for t in c.tensors) for c in chunks)
+        n_slots = max(2, min(a.grad_slots, len(chunks)))
+        out.append(
+            Term(
+                f"pinned gradient staging ({n_slots} slots x largest chunk)",
+                int(n_slots * pinned_bytes(slot, a) * (1 + a.pinned_overhead)),
+            )
+        )
+    out += _data_terms(profile, seqs, a)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# disk
+
+
+def disk_per_checkpoint(profile: Profile) -> DiskEstimate:
+    """model.safetensors (fp32, tied weight once) + optimizer.safetensors (2 x fp32) + JSON
+    files and the tokenizer."""
+    cfg = profile.model
+    N = _param_counts(cfg)["total"]
+    n_tensors = 4 + 12 * cfg.n_layer + (3 if cfg.bias else 2)
+    model = 4 * N + 128 * n_tensors + 8
+    opt = 8 * N + 2 * 128 * n_tensors + 8
+    tok = 4 * MiB if profile.data.tokenizer != "embedded" else 512 * 1024
+    small = tok + 256 * 1024  # optimizer.json, meta.json (config dump, RNG states, hashes)
+    return DiskEstimate(model, opt, small, profile.checkpoint.keep_last_n)
+
+
+# ---------------------------------------------------------------------------------------------
+# machine detection (the only impure part)
+
+
+def detect_vram() -> tuple[int, int, str] | None:
+    """(total, free, name) of GPU 0 via NVML, or None. Does not create a CUDA context."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            h = pynvml.nvmlDeviceGetHandleByIndex(0)
+            mem = pynvml.nvmlDeviceGetMemoryInfo(h)
+            name = pynvml.nvmlDeviceGetName(h)
+            if isinstance(name, bytes):
+                name = name.decode()
+            return int(mem.total), int(mem.free), str(name)
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:
+        return None
+
+
+def detect_ram() -> tuple[int, int] | None:
+    """(total, available) bytes of CPU RAM, or None."""
+    try:
+        import psutil
+
+        vm = psutil.virtual_memory()
+        return int(vm.total), int(vm.available)
+    except Exception:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# the report
+
+
+def _gib(b: int | float) -> str:
+    return f"{b / GiB:.1f} GiB"
+
+
+def _with(profile: Profile, section: str, **kw: Any) -> Profile:
+    sec = getattr(profile, section).model_copy(update=kw)
+    return profile.model_copy(update={section: sec})
+
+
+def _advice(
+    profile: Profile,
+    engine: str,
+    device: str,
+    gpu: GpuEstimate | None,
+    vram: int | None,
+    fits_vram: bool | None,
+    cpu_bytes: int,
+    ram: int | None,
+    fits_ram: bool | None,
+    disk: DiskEstimate,
+    disk_free: int | None,
+    a: Assumptions,
+) -> list[str]:
+    out: list[str] = []
+    rt, opt = profile.runtime, profile.optim
+    if fits_vram is False and gpu is not None and vram is not None:
+        if engine == "resident":
+            mb = largest_micro_batch(profile, vram, a=a)
+            if mb >= 1:
+                accum = math.ceil(opt.seqs_per_step / mb)
+                out.append(
+                    f"lower optim.micro_batch_size to {mb} (and raise optim.grad_accum_steps to {accum} to keep "
+                    f"{opt.seqs_per_step} sequences per step)"
+                )
+            elif not rt.gradient_checkpointing and resident_gpu(profile, 1, a=a, checkpointing=True).need_bytes <= vram:
+                out.append("set runtime.gradient_checkpointing=true")
+            s = max_seqs_per_pass(profile, vram, a=a)
+            if s >= 1:
+                out.append(f"set runtime.engine=streamed (fits with up to {s} sequences per pass)")
+        else:
+            s = max_seqs_per_pass(profile, vram, a=a)
+            if s >= 1 and rt.seqs_per_pass:
+                out.append(f"lower runtime.seqs_per_pass to {s} (or unset it to let the engine choose)")
+            elif s < 1:
+                # cheaper settings, cumulatively, until one sequence per pass fits
+                steps: list[tuple[str, str, dict[str, Any]]] = []
+                if rt.stream_pin:
+                    steps.append(("runtime.stream_pin=0", "runtime", {"stream_pin": 0}))
+                if rt.stream_window > 2:
+                    steps.append(("runtime.stream_window=2", "runtime", {"stream_window": 2}))
+                for c in (1024, 512, 256):
+                    if c < rt.loss_chunk_tokens:
+                        steps.append((f"runtime.loss_chunk_tokens={c}", "runtime", {"loss_chunk_tokens": c}))
+                for q in (768, 512, 256):
+                    if q < profile.data.seq_len:
+                        steps.append((f"data.seq_len={q}", "data", {"seq_len": q}))
+                p2, changes, found = profile, [], False
+                for label, section, kw in steps:
+                    p2 = _with(p2, section, **kw)
+                    changes = [c for c in changes if c.split("=")[0] != label.split("=")[0]] + [label]
+                    k = max_seqs_per_pass(p2, vram, a=a)
+                    if k >= 1:
+                        out.append(f"set {', '.join(changes)} (then up to {k} sequences per pass fit)")
+                        found = True
+                        break
+                if not found:
+                    need = streamed_gpu(p2, 1, a=a).need_bytes
+                    out.append(
+                        f"needs {_gib(need)} of VRAM even with one sequence per pass and {', '.join(changes) or 'these settings'}; "
+                        f"have {_gib(vram)}: use a smaller model or a larger card"
+                    )
+        if not out:
+            out.append(f"this model needs more than {_gib(vram)} of VRAM even with one sequence: use a smaller model")
+    if fits_ram is False and ram is not None:
+        msg = f"need {_gib(cpu_bytes)} RAM, have {_gib(ram)}"
+        if device != "cpu" and engine == "streamed":
+            seqs = gpu.seqs if gpu is not None else 1
+            layers = _largest(
+                lambda L: _total(_cpu_terms(_with(profile, "model", n_layer=L), engine, device, seqs, a)) <= ram,
+                profile.model.n_layer,
+            )
+            if layers >= 1:
+                msg += f": lower model.n_layer to {layers}, or close other programs"
+            else:
+                msg += ": use a smaller model"
+        elif device != "cpu" and engine == "resident":
+            msg += ": most of it is the checkpoint copy of the model + AdamW state; free RAM before saving"
+        else:
+            msg += ": use a smaller model or a smaller micro-batch"
+        out.append(msg)
+    if disk_free is not None and disk.worst_case > disk_free:
+        keep = max(1, disk_free // max(1, disk.per_checkpoint) - 2)
+        out.append(
+            f"checkpoints need up to {_gib(disk.worst_case)} on disk, have {_gib(disk_free)}: "
+            f"lower checkpoint.keep_last_n to {keep}"
+        )
+    return out
+
+
+def estimate(
+    profile: Profile,
+    vram_gib: float | None = None,
+    ram_gib: float | None = None,
+    link_gbps: float | None = None,
+    *,
+    detect: bool = True,
+    assumptions: Assumptions | None = None,
+    disk_free_bytes: int | None = None,
+) -> MemoryEstimate:
+    """Estimate what ``profile`` needs and whether it fits.
+
+    VRAM the allocator may use: ``runtime.vram_budget_gib`` when set, else ``vram_gib`` (the
+    card's free memory) minus the CUDA context, else the detected free VRAM minus the context,
+    else there is no GPU and training runs on the CPU. ``link_gbps`` overrides the assumed
+    PCIe rate. ``detect=False`` never looks at the machine (for tests and the engines)."""
+    a = assumptions or DEFAULT_ASSUMPTIONS
+    if link_gbps is not None:
+        a = replace(a, link_gbps=float(link_gbps), link_source="given (--link-gbps)")
+    rt = profile.runtime
+    notes: list[str] = []
+
+    # --- what VRAM / RAM to plan for
+    card: int | None = None
+    vram_source = "none"
+    if vram_gib is not None:
+        card = int(vram_gib * GiB)
+        vram_source = "given (--vram-gib)"
+    elif detect and rt.device != "cpu":
+        det = detect_vram()
+        if det is not None:
+            card = det[1]
+            vram_source = f"detected free on {det[2]}"
+    vram: int | None = None
+    if rt.device == "cpu":
+        device = "cpu"
+    elif rt.vram_budget_gib is not None:
+        device = "cuda"
+    else:
+        device = "cuda" if card is not None else "cpu"
+    if device == "cuda":
+        if rt.vram_budget_gib is not None:
+            vram = int(rt.vram_budget_gib * GiB)
+            vram_source = "runtime.vram_budget_gib" + (f"; card: {vram_source}" if card is not None else "")
+            if card is not None and vram + a.cuda_context_bytes > card:
+                notes.append(
+                    f"the budget ({_gib(vram)}) plus the CUDA context ({_gib(a.cuda_context_bytes)}) is more than "
+                    f"the card's {_gib(card)}"
+                )
+        elif card is not None:
+            vram = max(0, card - a.cuda_context_bytes)
+    elif rt.device != "cpu":
+        notes.append("no GPU found (and no --vram-gib): training would run on the CPU, resident engine")
+
+    ram: int | None = None
+    ram_source = "none"
+    if ram_gib is not None:
+        ram = int(ram_gib * GiB)
+        ram_source = "given (--ram-gib)"
+    elif detect:
+        det_r = detect_ram()
+        if det_r is not None:
+            ram = det_r[1]
+            ram_source = "detected available"
+
+    # --- engine
+    requested = rt.engine
+    if device == "cpu":
+        engine = "resident"
+        reason = "CPU: everything in RAM"
+        if requested == "streamed":
+            notes.append("the streamed engine needs CUDA; on the CPU it is estimated as resident")
+    elif requested != "auto":
+        engine = requested
+        reason = "runtime.engine"
+    else:
+        engine = choose_engine(profile, vram, a=a)
+        reason = (
+            "auto: the resident estimate fits the VRAM"
+            if engine == "resident"
+            else "auto: the resident estimate does not fit the VRAM"
+        )
+
+    # --- GPU
+    gpu: GpuEstimate | None = None
+    spp: int | None = None
+    largest_mb: int | None = None
+    max_spp: int | None = None
+    fits_vram: bool | None = None
+    if device == "cuda":
+        if engine == "streamed":
+            if vram is not None:
+                max_spp = max_seqs_per_pass(profile, vram, a=a)
+            spp = rt.seqs_per_pass or (max(1, max_spp) if max_spp else 1)
+            spp = min(spp, profile.optim.seqs_per_step)
+            gpu = streamed_gpu(profile, spp, a=a)
+        else:
+            gpu = resident_gpu(profile, a=a)
+            if vram is not None:
+                largest_mb = largest_micro_batch(profile, vram, a=a)
+        if vram is not None:
+            fits_vram = gpu.need_bytes <= vram
+
+    seqs = spp if spp else profile.optim.micro_batch_size
+    cpu_terms = _cpu_terms(profile, engine, device, seqs, a)
+    cpu_bytes = _total(cpu_terms)
+    fits_ram = None if ram is None else cpu_bytes <= ram
+    disk = disk_per_checkpoint(profile)
+    pcie = pcie_per_step(profile, seqs, engine if device == "cuda" else "resident", a=a)
+
+    params = _param_counts(profile.model)
+    pb = _precision_bytes(profile, device)
+    precision = {4: "fp32", 2: "bf16" if rt.precision in ("auto", "bf16") else "fp16"}[pb]
+    ckpt_mode = (
+        "per-chunk recompute (every block)"
+        if engine == "streamed" and device == "cuda"
+        else (
+            "per-block checkpointing" if rt.gradient_checkpointing and device != "cpu" else "off (all activations kept)"
+        )
+    )
+    assumptions_text = [
+        f"device {device}, engine {engine}, precision {precision}"
+        + (" (autocast over fp32 masters)" if engine == "resident" and pb == 2 else ""),
+        f"activation checkpointing: {ckpt_mode}",
+        f"seq_len {profile.data.seq_len}, micro-batch {profile.optim.micro_batch_size}, "
+        f"{profile.optim.seqs_per_step} sequences per optimizer step",
+        f"loss chunk {rt.loss_chunk_tokens} tokens (full logits never exist)",
+        "AdamW fused (no step temporaries)"
+        if a.fused_adamw
+        else "AdamW foreach (one fp32 temporary the size of the model)",
+    ]
+    if engine == "streamed" and device == "cuda":
+        assumptions_text.append(
+            f"stream window {rt.stream_window} chunks, {rt.stream_pin} pinned, {spp} sequences per pass"
+            + (
+                " (runtime.seqs_per_pass)"
+                if rt.seqs_per_pass is not None
+                else (" (chosen: largest that fits)" if max_spp else " (none fits; shown for 1)")
+            )
+        )
+        assumptions_text.append(
+            f"pinned host memory rounded up to powers of two per tensor; +{a.pinned_overhead:.0%} driver overhead"
+            if a.pinned_rounding == "pow2"
+            else "pinned host memory exact"
+        )
+    if device == "cuda":
+        share = a.headroom_streamed if engine == "streamed" else a.headroom_resident
+        assumptions_text.append(
+            f"allocator headroom +{share:.0%} of the live peak; CUDA context {_gib(a.cuda_context_bytes)} "
+            "(outside the budget, on the card)"
+        )
+        assumptions_text.append(f"link {a.link_gbps:g} GB/s ({a.link_source})")
+    baseline = a.cpu_baseline_bytes if device == "cpu" else a.cuda_baseline_bytes
+    assumptions_text.append(
+        f"process baseline {baseline / MiB:.0f} MiB RSS "
+        + (
+            "(torch CPU build, measured)"
+            if device == "cpu"
+            else "(torch + CUDA libraries, measured on torch 2.11/CUDA 13)"
+        )
+    )
+
+    advice = _advice(profile, engine, device, gpu, vram, fits_vram, cpu_bytes, ram, fits_ram, disk, disk_free_bytes, a)
+    if engine == "streamed" and device == "cuda" and gpu is not None and max_spp == 0:
+        notes.append("not even one sequence per pass fits the VRAM")
+    return MemoryEstimate(
+        profile=profile.name,
+        engine=engine,
+        engine_requested=requested,
+        engine_reason=reason,
+        device=device,
+        precision=precision,
+        seq_len=profile.data.seq_len,
+        micro_batch_size=profile.optim.micro_batch_size,
+        seqs_per_step=profile.optim.seqs_per_step,
+        seqs_per_pass=spp,
+        params=params,
+        gpu=gpu,
+        cpu_terms=tuple(cpu_terms),
+        cpu_bytes=cpu_bytes,
+        disk=disk,
+        pcie=pcie,
+        vram_bytes=vram,
+        vram_source=vram_source,
+        card_bytes=card,
+        ram_bytes=ram,
+        ram_source=ram_source,
+        fits_vram=fits_vram,
+        fits_ram=fits_ram,
+        largest_micro_batch=largest_mb,
+        max_seqs_per_pass=max_spp,
+        advice=tuple(advice),
+        assumptions=tuple(assumptions_text),
+        notes=tuple(notes),
+        assumption_values=a,
+    )
+
+
+__all__ = [
+    "Assumptions",
+    "ChunkSize",
+    "DiskEstimate",
+    "GpuEstimate",
+    "MemoryEstimate",
+    "PcieEstimate",
+    "Term",
+    "block_backward_per_token",
+    "block_saved_per_token",
+    "choose_engine",
+    "chunk_sizes",
+    "detect_ram",
+    "detect_vram",
+    "disk_per_checkpoint",
+    "estimate",
+    "largest_micro_batch",
+    "max_seqs_per_pass",
+    "pcie_per_step",
+    "pinned_bytes",
+    "resident_gpu",
+    "streamed_gpu",
+]

@@ -1,0 +1,263 @@
+"""ramgpt doctor: runs here (no GPU, no network), never crashes on a broken probe, never prints
+secrets, and exits non-zero only when a blocking check fails."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from rich.console import Console
+from typer.testing import CliRunner
+
+from ramgpt import doctor as D
+from ramgpt.cli import app
+from ramgpt.config import load_profile
+from ramgpt.render import render_doctor
+
+SECRET_HF = "hf_secretvalue123"
+SECRET_WB = "wandbsecretvalue4567890"
+
+
+@pytest.fixture
+def secrets(monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", SECRET_HF)
+    monkeypatch.setenv("WANDB_API_KEY", SECRET_WB)
+
+
+class _FakeChild:
+    """Canned torch/CUDA/import results, so the fast tests start no process."""
+
+    def __init__(self, pin_bytes: int, cuda: bool = False, broken: tuple[str, ...] = ()):
+        torch = {"version": "2.99.0", "cuda_build": "12.6" if cuda else None, "cuda": cuda}
+        if cuda:
+            torch.update(
+                name="NVIDIA GeForce RTX 3050",
+                capability=[8, 6],
+                total=6 * 2**30,
+                free=5.5 * 2**30,
+                bf16=True,
+                pin_ok=True,
+                pin_s=0.4,
+                h2d_gbps=11.5,
+                d2h_gbps=12.1,
+            )
+        pk = {n: {"ok": True, "version": "1.0"} for n in D.PACKAGES}
+        for n in broken:
+            pk[n] = {"ok": False, "error": f"ModuleNotFoundError: No module named '{n}'"}
+        if "torch" in broken:
+            torch = None
+        self._r = {"packages": pk, "torch": torch}
+
+    def result(self):
+        return self._r
+
+    def kill(self):
+        pass
+
+
+def _fake(monkeypatch, **kw):
+    monkeypatch.setattr(D, "_Child", lambda pin: _FakeChild(pin, **kw))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no network thread either
+
+
+def _check(results, name):
+    return next(r for r in results if r.name == name)
+
+
+# ---------------------------------------------------------------------------------------------
+# the real thing, on this machine
+
+
+@pytest.fixture(scope="module")
+def real_results():
+    t = time.perf_counter()
+    results = D.run_doctor(None)
+    return results, time.perf_counter() - t
+
+
+def test_runs_here(real_results):
+    results, secs = real_results
+    assert secs < 10  # ~3 s here: imports run in two child processes, the Hub check is bounded
+    names = [r.name for r in results]
+    for expected in (
+        "python",
+        "torch",
+        "GPU",
+        "pinned memory",
+        "CPU cores",
+        "RAM",
+        "disk (checkpoints)",
+        "disk (HF cache)",
+        "ulimit -l (memlock)",
+        "/dev/shm",
+        "ramtorch",
+        "transformers",
+        "datasets",
+        "huggingface_hub",
+        "wandb",
+        "HF token",
+        "W&B key",
+        "Hub reachable",
+    ):
+        assert expected in names, expected
+    for r in results:
+        d = r.to_dict()
+        assert set(d) >= {"name", "status", "message", "remedy", "blocking"}
+        assert d["status"] in ("ok", "warn", "fail")
+        assert isinstance(d["message"], str) and d["message"]
+        if d["status"] != "ok":
+            assert d["remedy"], d
+    assert not D.blocking_failures(results)
+    assert _check(results, "torch").status == "ok"
+
+
+def test_no_cuda_says_cpu(real_results):
+    results, _ = real_results
+    import torch
+
+    if torch.cuda.is_available():  # pragma: no cover - the GPU machine
+        pytest.skip("this machine has CUDA")
+    assert "CPU" in _check(results, "GPU").message
+    assert _check(results, "pinned memory").message == "no CUDA: skipped"
+
+
+def test_unreachable_hub_is_a_warning(real_results):
+    results, _ = real_results
+    hub = _check(results, "Hub reachable")
+    assert hub.status in ("ok", "warn") and not hub.blocking
+
+
+# ---------------------------------------------------------------------------------------------
+# the CLI
+
+
+def test_cli_json_and_exit_code(secrets):
+    r = CliRunner().invoke(app, ["doctor", "--json"])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.stdout)
+    assert all({"name", "status", "message", "remedy"} <= set(row) for row in rows)
+    assert SECRET_HF not in r.output and SECRET_WB not in r.output
+    assert _row(rows, "HF token")["message"] == "present"
+    assert _row(rows, "W&B key")["message"].startswith("present")
+
+
+def _row(rows, name):
+    return next(x for x in rows if x["name"] == name)
+
+
+def test_cli_table_with_profile(secrets):
+    r = CliRunner().invoke(app, ["doctor", "--profile", "micro-test"])
+    assert r.exit_code == 0, r.output
+    assert "profile RAM" in r.output
+    assert SECRET_HF not in r.output and SECRET_WB not in r.output
+    hf_row = r.output.split("HF token", 1)[1].split("\n", 1)[0]
+    assert "present" in hf_row and str(len(SECRET_HF)) not in hf_row  # not even its length
+
+
+def test_cli_bad_profile():
+    r = CliRunner().invoke(app, ["doctor", "--profile", "nope"])
+    assert r.exit_code != 0
+    assert "unknown profile" in r.output and "Traceback" not in r.output
+
+
+# ---------------------------------------------------------------------------------------------
+# robustness, with a fake torch probe
+
+
+def test_raising_probe_becomes_a_failed_check(monkeypatch):
+    _fake(monkeypatch)
+
+    def boom(ctx):
+        raise OSError("disk on fire\nsecond line")
+
+    monkeypatch.setattr(D, "_probe_disk", boom)
+    results = D.run_doctor(None)
+    bad = _check(results, "disk (checkpoints)")
+    assert bad.status == "fail" and "OSError: disk on fire" in bad.message and "second line" not in bad.message
+    assert not bad.blocking
+    assert _check(results, "python").status == "ok"  # the others still ran
+
+
+def test_every_probe_raising_still_returns(monkeypatch):
+    _fake(monkeypatch)
+    for _, fn in D._probes():
+        monkeypatch.setattr(D, fn.__name__, lambda ctx: 1 / 0)
+    results = D.run_doctor(load_profile("micro-test", use_env=False))
+    assert len(results) == len(D._probes())
+    assert all(r.status == "fail" for r in results)
+    assert D.blocking_failures(results)  # python and torch could not be checked
+
+
+def test_torch_missing_blocks(monkeypatch):
+    _fake(monkeypatch, broken=("torch",))
+    monkeypatch.setattr(D, "_Child", lambda pin: _FakeChild(pin, broken=("torch",)))
+    results = D.run_doctor(None)
+    torch_row = _check(results, "torch")
+    assert torch_row.status == "fail" and torch_row.blocking
+    assert D.blocking_failures(results)
+    r = CliRunner().invoke(app, ["doctor", "--json"])
+    assert r.exit_code == 1
+    assert json.loads(r.stdout)  # still prints the table data
+
+
+def test_broken_optional_package_is_a_warning(monkeypatch):
+    _fake(monkeypatch, broken=("wandb", "datasets"))
+    results = D.run_doctor(None)
+    assert _check(results, "wandb").status == "warn"
+    assert _check(results, "datasets").status == "warn"
+    assert not D.blocking_failures(results)
+    # a profile that streams from the Hub needs datasets
+    results = D.run_doctor(load_profile("0p1b", use_env=False))
+    ds = _check(results, "datasets")
+    assert ds.status == "fail" and ds.blocking
+
+
+def test_child_crash_is_reported(monkeypatch):
+    class Crashing(_FakeChild):
+        def result(self):
+            raise RuntimeError("the torch/CUDA/import probe crashed: Segmentation fault")
+
+    monkeypatch.setattr(D, "_Child", lambda pin: Crashing(pin))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    results = D.run_doctor(None)
+    assert "Segmentation fault" in _check(results, "torch").message
+    assert _check(results, "RAM").status in ("ok", "warn")
+
+
+def test_cuda_machine(monkeypatch, secrets):
+    _fake(monkeypatch, cuda=True)
+    results = D.run_doctor(load_profile("rtx3050-6gb", use_env=False))
+    gpu = _check(results, "GPU")
+    assert gpu.status == "ok" and "RTX 3050" in gpu.message and "sm_86" in gpu.message
+    pin = _check(results, "pinned memory")
+    assert "H2D 11.5 GB/s" in pin.message
+    assert _check(results, "profile VRAM").status == "ok"
+    text = json.dumps([r.to_dict() for r in results])
+    assert SECRET_HF not in text and SECRET_WB not in text
+
+
+def test_offline_mode_is_a_warning(monkeypatch):
+    _fake(monkeypatch)
+    results = D.run_doctor(None)
+    hub = _check(results, "Hub reachable")
+    assert hub.status == "warn" and "offline" in hub.message
+
+
+def test_profile_needing_more_ram_than_total_blocks(monkeypatch):
+    _fake(monkeypatch)
+    monkeypatch.setattr(D, "_ram", lambda: (8 * 2**30, 6 * 2**30))
+    results = D.run_doctor(load_profile("rtx3050-6gb", use_env=False))
+    ram = _check(results, "profile RAM")
+    assert ram.status == "fail" and ram.blocking
+    assert D.blocking_failures(results)
+
+
+def test_render_doctor_plain_text(monkeypatch):
+    _fake(monkeypatch)
+    results = D.run_doctor(None)
+    console = Console(record=True, width=160)
+    render_doctor(results + [D.CheckResult("[bold]odd", "fail", "[red]x", "do [b]this", blocking=True)], console)
+    out = console.export_text()
+    assert "[bold]odd" in out and "[red]x" in out  # markup in messages is printed, not parsed
+    assert "training cannot start" in out
