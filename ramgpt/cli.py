@@ -1,0 +1,286 @@
+"""The Typer app. Each command parses its options, calls one library function, and renders the
+result. Known errors (``RamgptError``) become one line on stderr and a non-zero exit; set
+``RAMGPT_DEBUG=1`` for the full traceback."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from ramgpt.errors import RamgptError
+
+app = typer.Typer(
+    name="ramgpt",
+    help="Pre-train a ~1B GPT-2 on one small GPU: weights live in CPU RAM and stream through the GPU.",
+    rich_markup_mode="rich",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+err_console = Console(stderr=True)
+
+# Reusable option types ------------------------------------------------------------------------
+ProfileOpt = Annotated[str, typer.Option("--profile", help="Profile name (see profiles/) or path to a YAML file.")]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a field: section.field=value (repeatable), e.g. --set optim.lr=1e-4."),
+]
+MicroTestOpt = Annotated[
+    bool, typer.Option("--micro-test", help="Shrink the profile to 2 layers, seq 128, a few steps (smoke test).")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+def _fail(message: str, code: int) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Map known exceptions to one line and an exit code (the one place that does this)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if os.environ.get("RAMGPT_DEBUG"):
+            return fn(*args, **kwargs)
+        try:
+            return fn(*args, **kwargs)
+        except RamgptError as e:
+            _fail(str(e), e.exit_code)
+        except KeyboardInterrupt:
+            _fail("interrupted", 130)
+        except BrokenPipeError:
+            # stdout closed early (e.g. piped to head): not an error worth a traceback
+            try:
+                sys.stdout = open(os.devnull, "w")  # noqa: SIM115
+            except OSError:
+                pass
+            raise typer.Exit(0) from None
+
+    return wrapper
+
+
+def _load(profile: str, sets: list[str] | None, micro_test: bool = False):
+    from ramgpt.config import load_profile
+
+    return load_profile(profile, sets or [], micro_test=micro_test)
+
+
+# ----------------------------------------------------------------------------------------------
+# train
+@app.command()
+@handle_errors
+def train(
+    profile: ProfileOpt = "micro-test",
+    set_: SetOpt = None,
+    micro_test: MicroTestOpt = False,
+    resume: Annotated[
+        str | None, typer.Option("--resume", help="'latest' (newest complete checkpoint of the run) or a checkpoint path.")
+    ] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out-dir", help="Run directory (overrides checkpoint.out_dir).")] = None,
+    max_steps: Annotated[int | None, typer.Option("--max-steps", min=1, help="Override optim.max_steps.")] = None,
+    tui: Annotated[
+        bool | None, typer.Option("--tui/--no-tui", help="Force the live panel on or off (default: on for a terminal).")
+    ] = None,
+) -> None:
+    """Train a profile (resident or streamed engine), writing checkpoints and metrics.jsonl."""
+    from ramgpt.train import train as run_train
+
+    sets = list(set_ or [])
+    if out_dir is not None:
+        sets.append(f"checkpoint.out_dir={out_dir}")
+    if max_steps is not None:
+        sets.append(f"optim.max_steps={max_steps}")
+    if tui is not None:
+        sets.append(f"logging.tui={'on' if tui else 'off'}")
+    prof = _load(profile, sets, micro_test)
+    result = run_train(prof, resume=resume)
+    err_console.print(result.summary(), highlight=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# generate
+@app.command()
+@handle_errors
+def generate(
+    checkpoint: Annotated[
+        Path, typer.Option("--checkpoint", "-c", help="Run directory (newest complete checkpoint) or a checkpoint path.")
+    ],
+    prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="Prompt, used exactly as typed.")] = None,
+    interactive: Annotated[bool, typer.Option("--interactive", "-i", help="Read prompts until EOF (Ctrl-D).")] = False,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", min=1)] = 128,
+    temperature: Annotated[float, typer.Option("--temperature", "-t", min=0.0, help="0 = greedy.")] = 0.8,
+    top_k: Annotated[int | None, typer.Option("--top-k", min=1)] = 50,
+    top_p: Annotated[float | None, typer.Option("--top-p", min=0.0, max=1.0)] = 0.95,
+    repetition_penalty: Annotated[float, typer.Option("--repetition-penalty", min=0.0)] = 1.1,
+    stop: Annotated[list[str] | None, typer.Option("--stop", help="Stop string (repeatable); EOS always stops.")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Sampling seed (printed; random when omitted).")] = None,
+    tokenizer: Annotated[str | None, typer.Option("--tokenizer", help="Tokenizer (default: the checkpoint's).")] = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N.")] = "auto",
+    vram_budget_gib: Annotated[
+        float | None, typer.Option("--vram-budget-gib", min=0.1, help="Stream weights when they do not fit this budget.")
+    ] = None,
+) -> None:
+    """Generate text from a checkpoint, one-shot (-p) or interactive (-i)."""
+    from ramgpt.generate import GenerateOptions, run_generate
+
+    if prompt is None and not interactive:
+        raise RamgptError("give a prompt with -p/--prompt or use -i for interactive mode")
+    opts = GenerateOptions(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        repetition_penalty=repetition_penalty,
+        stop=tuple(stop or ()),
+        seed=seed,
+    )
+    run_generate(
+        checkpoint,
+        prompt=prompt,
+        interactive=interactive,
+        options=opts,
+        tokenizer=tokenizer,
+        device=device,
+        vram_budget_gib=vram_budget_gib,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# doctor / estimate-memory
+@app.command()
+@handle_errors
+def doctor(
+    profile: Annotated[str | None, typer.Option("--profile", help="Also check this profile's needs.")] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Check this machine (CUDA, VRAM, RAM, pinned bandwidth, packages, tokens) and say what to fix."""
+    from ramgpt.doctor import blocking_failures, run_doctor
+    from ramgpt.render import render_doctor
+
+    prof = _load(profile, []) if profile else None
+    results = run_doctor(prof)
+    if json_:
+        typer.echo(json.dumps([r.to_dict() for r in results], indent=2, ensure_ascii=False))
+    else:
+        render_doctor(results, Console())
+    if blocking_failures(results):
+        raise typer.Exit(1)
+
+
+@app.command("estimate-memory")
+@handle_errors
+def estimate_memory(
+    profile: ProfileOpt = "1b",
+    set_: SetOpt = None,
+    micro_test: MicroTestOpt = False,
+    vram_gib: Annotated[float | None, typer.Option("--vram-gib", help="VRAM to plan for (default: detected or the budget).")] = None,
+    ram_gib: Annotated[float | None, typer.Option("--ram-gib", help="CPU RAM to plan for (default: detected).")] = None,
+    link_gbps: Annotated[float | None, typer.Option("--link-gbps", help="Host-device link rate in GB/s (default: assumed).")] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Predict VRAM, CPU RAM, disk and PCIe traffic a profile needs, and whether it fits."""
+    from ramgpt.memory import estimate
+    from ramgpt.render import render_estimate
+
+    for name, v in (("--vram-gib", vram_gib), ("--ram-gib", ram_gib), ("--link-gbps", link_gbps)):
+        if v is not None and v <= 0:
+            raise RamgptError(f"{name} must be positive, got {v}")
+    prof = _load(profile, set_, micro_test)
+    est = estimate(prof, vram_gib=vram_gib, ram_gib=ram_gib, link_gbps=link_gbps)
+    if json_:
+        typer.echo(json.dumps(est.to_dict(), indent=2, ensure_ascii=False))
+    else:
+        render_estimate(est, Console())
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints: prune / push / export
+@app.command("prune-ckpt")
+@handle_errors
+def prune_ckpt(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory holding step_* checkpoints.")],
+    keep_last: Annotated[int, typer.Option("--keep-last", min=1, help="Keep the newest N complete checkpoints.")],
+    keep_every: Annotated[int | None, typer.Option("--keep-every", min=1, help="Also keep every K-th step.")] = None,
+    keep_best: Annotated[bool, typer.Option("--keep-best", help="Also keep the best-eval checkpoint.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would go; delete nothing.")] = False,
+) -> None:
+    """Delete old checkpoints and partial leftovers; never the newest complete one."""
+    from ramgpt.checkpoint import prune_checkpoints
+    from ramgpt.render import render_prune
+
+    report = prune_checkpoints(run_dir, keep_last=keep_last, keep_every=keep_every, keep_best=keep_best, dry_run=dry_run)
+    render_prune(report, Console())
+
+
+@app.command()
+@handle_errors
+def push(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory, checkpoint, or exported model directory.")],
+    repo_id: Annotated[str | None, typer.Option("--repo-id", help="USER/NAME on the Hugging Face Hub.")] = None,
+    private: Annotated[bool, typer.Option("--private", help="Create the repo as private.")] = False,
+    revision: Annotated[str | None, typer.Option("--revision", help="Branch to push to.")] = None,
+    message: Annotated[str | None, typer.Option("--message", "-m", help="Commit message.")] = None,
+    include: Annotated[list[str] | None, typer.Option("--include", help="Glob of files to upload (repeatable).")] = None,
+    exclude: Annotated[list[str] | None, typer.Option("--exclude", help="Glob of files to skip (repeatable).")] = None,
+    token: Annotated[
+        str | None, typer.Option("--token", help="HF token (default: HF_TOKEN or the login cache). Never printed.")
+    ] = None,
+    with_optimizer: Annotated[bool, typer.Option("--with-optimizer", help="Also upload optimizer state.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would be sent; send nothing.")] = False,
+) -> None:
+    """Upload checkpoints, tokenizer and config to the Hugging Face Hub."""
+    from ramgpt.hub import push as do_push
+    from ramgpt.render import render_push
+
+    plan = do_push(
+        run_dir,
+        repo_id=repo_id,
+        private=private,
+        revision=revision,
+        message=message,
+        include=include,
+        exclude=exclude,
+        token=token,
+        with_optimizer=with_optimizer,
+        dry_run=dry_run,
+    )
+    render_push(plan, Console())
+
+
+@app.command()
+@handle_errors
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint directory or run directory (newest complete).")],
+    out_dir: Annotated[Path, typer.Argument(help="Where to write the transformers model directory.")],
+) -> None:
+    """Export a checkpoint as a Hugging Face transformers GPT2LMHeadModel directory."""
+    from ramgpt.hub import export_hf
+
+    path = export_hf(checkpoint, out_dir)
+    Console().print(f"exported to {path}")
+
+
+@app.command("profiles")
+@handle_errors
+def list_profiles() -> None:
+    """List the shipped profiles."""
+    from ramgpt.config import available_profiles, load_profile
+
+    console = Console()
+    for name in available_profiles():
+        p = load_profile(name, use_env=False)
+        console.print(f"[bold]{name}[/]: {p.description}")
+
+
+def main() -> None:  # pragma: no cover
+    app()
