@@ -117,6 +117,16 @@ def _make_optimizer(model: GPT, lr: float, wd: float, betas: tuple[float, float]
     return torch.optim.AdamW(model.param_groups(wd), lr=lr, betas=betas, eps=eps, fused=True)
 
 
+def _release_freed_heap() -> None:
+    """glibc keeps large freed blocks in the heap; malloc_trim returns them (Linux only)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _aligned(nbytes: int, align: int = 64) -> int:
     return -(-nbytes // align) * align
 
@@ -369,6 +379,8 @@ class StreamedEngine(Engine):
         self._grad_wait_s = 0.0
         self._worker = threading.Thread(target=self._grad_worker, name="ramgpt-grad-accum", daemon=True)
         self._worker.start()
+        del copies
+        _release_freed_heap()  # the fp32 deep copies were freed after pinning; give them back to the OS
 
     @property
     def seqs_per_pass(self) -> int:

@@ -105,10 +105,12 @@ def _oom_message(profile: Profile, engine, state: TrainState) -> str:
     try:
         from ramgpt.memory import estimate
 
-        est = estimate(profile, vram_gib=budget)
-        peak = est.to_dict().get("gpu", {}).get("total_bytes")
-        if peak:
-            predicted = f"; `ramgpt estimate-memory --profile {profile.name}` predicts {peak / 2**30:.2f} GiB"
+        d = estimate(profile, vram_gib=budget, detect=False).to_dict()
+        need = (d.get("gpu") or {}).get("need_bytes")
+        if need:
+            predicted = f"; `ramgpt estimate-memory --profile {profile.name}` predicts {need / 2**30:.2f} GiB"
+            if d.get("max_seqs_per_pass"):
+                predicted += f" and at most {d['max_seqs_per_pass']} sequences per pass"
     except Exception:  # noqa: BLE001 - advice only
         predicted = f"; run `ramgpt estimate-memory --profile {profile.name}`"
     if engine is not None and engine.name == "streamed":
@@ -137,6 +139,9 @@ def train(profile: Profile, resume: str | None = None, sinks: list | None = None
     notices: list[str] = []
     t_start = time.perf_counter()
     rt = profile.runtime
+    # Expandable segments cut the streamed engine's fragmentation (measured on an H200: peak
+    # reserved 4.48 GiB instead of 5.03 at the same speed); must be set before CUDA allocates.
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     device = resolve_device(rt)
     if rt.device.startswith("cuda") and device == "cpu":
         notices.append("CUDA is not available: training falls back to the CPU path (fp32, resident engine)")
