@@ -1,0 +1,247 @@
+"""GPU benchmark of ramgpt's engines against their baselines, one section per process.
+
+    python bench/bench_engine.py SECTION --out DIR
+
+Sections (run them on one warm machine, so the ratios compare like with like):
+  link       pinned H2D/D2H GB/s (1 GiB copies)
+  resident   resident PyTorch, 1b, no VRAM cap, micro-batch 8, bf16, per-block checkpointing
+  ramtorch   plain ramtorch OffloadModel, 1b, 6 GiB cap, window 3, keep="checkpoint", mb 2
+  streamed   ramgpt streamed engine through ramgpt.train.train(), rtx3050-6gb (5.1 GiB budget)
+  p1b        ramgpt streamed engine, 0p1b under the same 5.1 GiB budget
+  agree      small model: resident vs streamed bf16 loss curves on the GPU (same init, same data)
+
+Each section writes DIR/<section>.json and prints one summary line. tokens/s is counted over
+whole optimizer steps (optimizer included) with the tokens per step stated in the output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from ramgpt.config import load_profile  # noqa: E402
+
+
+class RssPeak:
+    """Samples this process's RSS every 50 ms (ru_maxrss is process-lifetime, not per section)."""
+
+    def __init__(self):
+        self.peak = 0
+        self._stop = False
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _run(self):
+        p = psutil.Process()
+        while not self._stop:
+            self.peak = max(self.peak, p.memory_info().rss)
+            time.sleep(0.05)
+
+    def stop(self) -> int:
+        self._stop = True
+        self._t.join()
+        return self.peak
+
+
+class Capture:
+    def __init__(self):
+        self.rows: list[dict] = []
+        self.events: list[tuple[str, str]] = []
+
+    def log(self, m, step):
+        self.rows.append(dict(m))
+        print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in m.items()
+                          if k in ("step", "loss", "tokens_per_s", "step_time_s", "optimizer_time_s", "mfu",
+                                   "vram_peak_reserved_b", "h2d_gbps", "d2h_gbps", "stall_pct", "eval_loss")}),
+              flush=True)
+
+    def event(self, kind, msg):
+        self.events.append((kind, msg))
+        print(f"[{kind}] {msg}", flush=True)
+
+    def close(self):
+        pass
+
+
+def _peak_flops() -> float:
+    name = torch.cuda.get_device_name()
+    return 989e12 if ("H100" in name or "H200" in name) else float("nan")
+
+
+def section_link(out: Path) -> dict:
+    n = 1 << 30
+    host = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+    dev = torch.empty(n, dtype=torch.uint8, device="cuda")
+    res = {}
+    for name, fn in (("h2d", lambda: dev.copy_(host, non_blocking=True)), ("d2h", lambda: host.copy_(dev, non_blocking=True))):
+        fn()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(5):
+            fn()
+        torch.cuda.synchronize()
+        res[f"{name}_gbps"] = 5 * n / (time.perf_counter() - t) / 1e9
+    return res
+
+
+def _train_section(profile_name: str, sets: list[str], steps: int, label: str) -> dict:
+    from ramgpt.train import train
+
+    sets = [
+        *sets,
+        "data.source=embedded",
+        "data.tokenizer=embedded",
+        f"optim.max_steps={steps}",
+        "logging.log_interval=1",
+        "logging.eval_interval=100000",
+        "logging.eval_batches=1",
+        "checkpoint.save_final=false",
+        "checkpoint.save_interval_steps=100000",
+        f"checkpoint.out_dir=/tmp/bench-{label}",
+    ]
+    prof = load_profile(profile_name, sets)
+    torch.cuda.reset_peak_memory_stats()
+    rss = RssPeak()
+    cap = Capture()
+    t0 = time.perf_counter()
+    train(prof, sinks=[cap])
+    wall = time.perf_counter() - t0
+    peak_rss = rss.stop()
+    timed = [r for r in cap.rows[1:-1]] or cap.rows[-1:]  # drop the warm-up step and the step with eval
+    tps = statistics.median(r["tokens_per_s"] for r in timed)
+    return {
+        "profile": profile_name,
+        "sets": sets,
+        "tokens_per_step": prof.tokens_per_step,
+        "tokens_per_s": tps,
+        "step_time_s": statistics.median(r["step_time_s"] for r in timed),
+        "optimizer_time_s": statistics.median(r["optimizer_time_s"] for r in timed),
+        "mfu": statistics.median(r.get("mfu", float("nan")) for r in timed),
+        "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
+        "peak_rss_gib": peak_rss / 2**30,
+        "h2d_gbps": statistics.median(r.get("h2d_gbps", float("nan")) for r in timed),
+        "d2h_gbps": statistics.median(r.get("d2h_gbps", float("nan")) for r in timed),
+        "stall_pct": statistics.median(r.get("stall_pct", float("nan")) for r in timed),
+        "seqs_per_pass": cap.rows[-1].get("seqs_per_pass"),
+        "losses": [r["loss"] for r in cap.rows],
+        "wall_s": wall,
+    }
+
+
+def section_resident(out: Path) -> dict:
+    return _train_section(
+        "1b",
+        ["runtime.engine=resident", "runtime.precision=bf16", "optim.micro_batch_size=8", "optim.grad_accum_steps=24"],
+        4,
+        "resident",
+    )
+
+
+def section_streamed(out: Path) -> dict:
+    spp = os.environ.get("SPP", "16")
+    steps = int(os.environ.get("STEPS", "4"))
+    return _train_section("rtx3050-6gb", [f"runtime.seqs_per_pass={spp}"], steps, "streamed")
+
+
+def section_p1b(out: Path) -> dict:
+    return _train_section("0p1b", ["runtime.engine=streamed", "runtime.vram_budget_gib=5.1", "runtime.seqs_per_pass=64"], 4, "p1b")
+
+
+def section_ramtorch(out: Path) -> dict:
+    """Plain ramtorch 1.11 OffloadModel: fp32 chunks streamed, its own grad accumulators,
+    flush_grads + fused CPU AdamW. 6 GiB cap. 16 micro-batches of 2 per step (32,768 tokens)."""
+    import ramtorch
+
+    from ramgpt.model import GPT
+
+    prof = load_profile("1b")
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(6 * 2**30 / total)
+    torch.manual_seed(0)
+    model = GPT(prof.model)
+    om = ramtorch.OffloadModel(model.chunks(), device="cuda", window=3, keep_activations="checkpoint")
+    opt = torch.optim.AdamW([p for p in om.parameters()], lr=1e-4, fused=True)
+    mb, T = int(os.environ.get("MB", "2")), prof.data.seq_len
+    n_mb = 32 // mb
+    rss = RssPeak()
+    times = []
+    for step in range(3):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(n_mb):
+            x = torch.randint(0, 50257, (mb, T))
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                om.step((x, x), loss_fn=lambda o, _t: o / (mb * T))
+        om.flush_grads(scale=1.0 / n_mb)
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+        om.invalidate_residency()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+        print(f"ramtorch step {step}: {times[-1]:.2f}s", flush=True)
+    om.close()
+    tokens = mb * n_mb * T
+    st = statistics.median(times[1:])
+    return {"tokens_per_step": tokens, "tokens_per_s": tokens / st, "step_time_s": st,
+            "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30, "peak_rss_gib": rss.stop() / 2**30}
+
+
+def section_agree(out: Path) -> dict:
+    """Resident vs streamed bf16 on a small model: same init (seed), same data, 30 steps."""
+    common = ["model.n_layer=6", "model.n_head=8", "model.n_embd=512", "data.seq_len=256", "model.block_size=256",
+              "optim.micro_batch_size=8", "optim.grad_accum_steps=2", "optim.lr=1e-3", "scheduler.warmup_steps=5",
+              "runtime.precision=bf16"]
+    a = _train_section("0p1b", [*common, "runtime.engine=resident"], 30, "agree-res")
+    b = _train_section("0p1b", [*common, "runtime.engine=streamed", "runtime.seqs_per_pass=8"], 30, "agree-stm")
+    diffs = [abs(x - y) for x, y in zip(a["losses"], b["losses"])]
+    return {"resident": a["losses"], "streamed": b["losses"], "max_abs_diff": max(diffs),
+            "final": (a["losses"][-1], b["losses"][-1])}
+
+
+def section_summary(out: Path) -> dict:
+    """Table of the sections already written to DIR, with ratios to the resident baseline."""
+    rows = {p.stem: json.loads(p.read_text()) for p in sorted(out.glob("*.json")) if p.stem != "summary"}
+    base = rows.get("resident", {}).get("tokens_per_s")
+    print(f"{'section':<10} {'tok/s':>10} {'x resident':>10} {'MFU':>6} {'peak reserved':>14} {'peak RSS':>9}")
+    for name, r in rows.items():
+        if "tokens_per_s" not in r:
+            continue
+        ratio = r["tokens_per_s"] / base if base else float("nan")
+        print(f"{name:<10} {r['tokens_per_s']:>10.0f} {ratio:>10.2f} {r.get('mfu', float('nan')):>6.1%} "
+              f"{r.get('peak_reserved_gib', float('nan')):>12.2f} G {r.get('peak_rss_gib', float('nan')):>7.2f} G")
+    return {"sections": sorted(rows)}
+
+
+SECTIONS = {"summary": section_summary, "link": section_link, "resident": section_resident, "ramtorch": section_ramtorch,
+            "streamed": section_streamed, "p1b": section_p1b, "agree": section_agree}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("section", choices=sorted(SECTIONS))
+    ap.add_argument("--out", type=Path, default=Path("bench-out"))
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    res = SECTIONS[args.section](args.out)
+    res["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    res["torch"] = torch.__version__
+    res["date"] = time.strftime("%Y-%m-%d")
+    if args.section != "summary":
+        (args.out / f"{args.section}.json").write_text(json.dumps(res, indent=2))
+    short = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in res.items() if not isinstance(v, list)}
+    print(f"RESULT {args.section}: {json.dumps(short)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
