@@ -8,6 +8,7 @@ import functools
 import json
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -15,7 +16,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from ramgpt.errors import RamgptError
+from ramgpt.errors import ConfigError, RamgptError
 
 app = typer.Typer(
     name="ramgpt",
@@ -40,6 +41,10 @@ MicroTestOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    err_console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+
+
 def _fail(message: str, code: int) -> None:
     err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
@@ -53,7 +58,11 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         if os.environ.get("RAMGPT_DEBUG"):
             return fn(*args, **kwargs)
         try:
-            return fn(*args, **kwargs)
+            with warnings.catch_warnings():
+                # library warnings (e.g. a skipped partial checkpoint) become one line, not a
+                # file path + source line
+                warnings.showwarning = _show_warning
+                return fn(*args, **kwargs)
         except RamgptError as e:
             _fail(str(e), e.exit_code)
         except KeyboardInterrupt:
@@ -194,7 +203,7 @@ def estimate_memory(
 
     for name, v in (("--vram-gib", vram_gib), ("--ram-gib", ram_gib), ("--link-gbps", link_gbps)):
         if v is not None and v <= 0:
-            raise RamgptError(f"{name} must be positive, got {v}")
+            raise ConfigError(f"{name} must be positive, got {v}")
     prof = _load(profile, set_, micro_test)
     est = estimate(prof, vram_gib=vram_gib, ram_gib=ram_gib, link_gbps=link_gbps)
     if json_:

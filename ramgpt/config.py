@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ramgpt.errors import ConfigError
@@ -27,7 +27,8 @@ PACKAGED_PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    # coerce_numbers_to_str: `--set data.path=2024` reaches a str field as YAML's int 2024
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, coerce_numbers_to_str=True)
 
 
 class ModelConfig(_Section):
@@ -133,6 +134,12 @@ class LoggingConfig(_Section):
     eval_batches: int = Field(8, ge=1, description="Micro-batches per evaluation.")
     tui: Literal["auto", "on", "off"] = Field("auto", description="Rich live panel: auto (only on a terminal), on, off.")
     use_wandb: bool = Field(False, description="Log to Weights & Biases (WANDB_MODE=offline works without network).")
+
+    @field_validator("tui", mode="before")
+    @classmethod
+    def _tui_word(cls, v: Any) -> Any:
+        # YAML 1.1 reads a bare `tui: off` as False
+        return ("on" if v else "off") if isinstance(v, bool) else v
     wandb_project: str = Field("ramgpt", description="W&B project.")
     wandb_run_name: str | None = Field(None, description="W&B run name (default: the run directory's name).")
 
@@ -330,11 +337,11 @@ def format_validation_error(e: ValidationError) -> str:
     """One line per problem, naming the field: ``optim.lr: Input should be greater than 0``."""
     lines = []
     for err in e.errors():
-        loc = ".".join(str(x) for x in err["loc"]) or "profile"
+        loc = ".".join(str(x) for x in err["loc"])
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
-        lines.append(f"{loc}: {msg}")
+        lines.append(f"{loc}: {msg}" if loc else msg)
     return "; ".join(lines)
 
 
@@ -397,6 +404,14 @@ def profile_reference_markdown() -> str:
     """The profile reference, generated from the field descriptions."""
     out = ["# Profile reference", "", "Generated from `ramgpt/config.py` (`python -m ramgpt.config`).", ""]
     out.append("Override any field with `--set section.field=value` or `RAMGPT_SECTION__FIELD=value`.")
+    out.append("")
+    out.append("## Top level")
+    out.append("")
+    out.append("| key | description |")
+    out.append("|---|---|")
+    out.append("| `extends` | Name or path of a profile this one builds on; its sections are merged, this file's values win. |")
+    for fname in ("name", "description"):
+        out.append(f"| `{fname}` | {Profile.model_fields[fname].description} |")
     out.append("")
     for sec_name, field in Profile.model_fields.items():
         ann = field.annotation
