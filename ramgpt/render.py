@@ -3,7 +3,7 @@ dashboard sink) print. One function per result type:
 
 - :func:`render_doctor` -- ``ramgpt doctor``
 - :func:`render_estimate` -- ``ramgpt estimate-memory``
-- :func:`render_prune`, :func:`render_push` -- checkpoint commands (see the end of the file)
+- :func:`render_prune`, :func:`render_push` -- ``ramgpt prune-ckpt`` / ``ramgpt push`` (a push plan holds no token)
 
 User-supplied text (paths, names, messages) is printed as plain ``Text`` so that a ``[bold]``
 in a directory name is never parsed as markup.
@@ -11,14 +11,16 @@ in a directory name is never parsed as markup.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 if TYPE_CHECKING:  # pragma: no cover
+    from ramgpt.checkpoint import PruneReport
     from ramgpt.doctor import CheckResult
+    from ramgpt.hub import PushPlan
     from ramgpt.memory import MemoryEstimate, Term
 
 GiB = 2**30
@@ -190,20 +192,75 @@ def render_estimate(est: MemoryEstimate, console: Console) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# checkpoint commands: prune / push. Their renderers live in render_prune.py / render_push.py
-# until they are merged here; these delegates keep ``from ramgpt.render import ...`` working.
+# checkpoint commands: prune / push
 
 
-def render_prune(report: Any, console: Console) -> None:
-    from ramgpt.render_prune import render_prune as _render
+def render_prune(report: PruneReport, console: Console) -> None:
+    """One line per removed path with its size, then the total; a dry run says "would" so the
+    user can check the plan before anything is deleted. Paths are printed as plain text (never
+    parsed as rich markup: a directory may be called ``[bold]``)."""
+    verb = "would remove" if report.dry_run else "removed"
+    style = "yellow" if report.dry_run else "red"
+    rows = [(p, "") for p in report.removed] + [(p, " (partial)") for p in report.partial_removed]
+    if not rows:
+        console.print(Text(f"nothing to prune; kept {len(report.kept)} checkpoint(s)"))
+        return
+    for path, note in rows:
+        line = Text()
+        line.append(f"{verb} ", style=style)
+        line.append(str(path))
+        line.append(note, style="dim")
+        line.append(f"  {fmt_bytes(report.sizes.get(path, 0))}", style="cyan")
+        console.print(line)
+    if report.kept:
+        console.print(Text("kept " + ", ".join(p.name for p in report.kept), style="green"))
+    for p in report.left_alone:
+        console.print(Text(f"left alone {p} (in use or not a ramgpt checkpoint)", style="dim"))
+    total = fmt_bytes(report.freed_bytes)
+    if report.dry_run:
+        console.print(Text(f"would free {total} (dry run: nothing was deleted)", style="bold"))
+    else:
+        console.print(Text(f"freed {total}", style="bold"))
 
-    _render(report, console)
+
+# A run with many checkpoints lists hundreds of files; show the first ones and a count.
+MAX_FILE_ROWS = 40
 
 
-def render_push(plan: Any, console: Console) -> None:
-    from ramgpt.render_push import render_push as _render
+def render_push(plan: PushPlan, console: Console) -> None:
+    """Header (repo, branch, visibility, method), the files with sizes, deletions, skipped
+    items, and the outcome: the URL after a push, or a clear 'nothing was sent'."""
+    visibility = "private" if plan.private else "public"
+    branch = plan.revision or "main"
+    verb = "would push" if plan.dry_run else "pushed"
+    console.print(
+        f"[bold]{verb}[/] {plan.source} [cyan]{plan.folder}[/] -> [bold]{plan.repo_id}[/] "
+        f"(branch {branch}, {visibility}, {plan.method})",
+        highlight=False,
+        soft_wrap=True,
+    )
+    console.print(f"commit message: {plan.message}", highlight=False, markup=False)
 
-    _render(plan, console)
+    table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
+    table.add_column("file")
+    table.add_column("size", justify="right")
+    for path, size in plan.files[:MAX_FILE_ROWS]:
+        note = " (generated)" if path in plan.generated else ""
+        table.add_row(path + note, fmt_bytes(size))
+    if len(plan.files) > MAX_FILE_ROWS:
+        rest = plan.files[MAX_FILE_ROWS:]
+        table.add_row(f"... {len(rest)} more files", fmt_bytes(sum(n for _, n in rest)))
+    table.add_row(f"[bold]{len(plan.files)} files[/]", f"[bold]{fmt_bytes(plan.total_bytes)}[/]")
+    console.print(table)
+
+    if plan.delete_patterns:
+        console.print("delete on the Hub: " + ", ".join(plan.delete_patterns), highlight=False, markup=False)
+    for item in plan.skipped:
+        console.print(f"[dim]skipped {item}[/]", highlight=False)
+    if plan.dry_run:
+        console.print("[yellow]dry run: nothing was sent[/]")
+    elif plan.url:
+        console.print(f"[green]done:[/] {plan.url}", highlight=False)
 
 
 __all__ = ["fmt_bytes", "render_doctor", "render_estimate", "render_prune", "render_push"]

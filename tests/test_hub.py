@@ -8,7 +8,6 @@ import inspect
 import json
 import os
 import socket
-import sys
 import time
 import types
 from pathlib import Path
@@ -430,19 +429,9 @@ def test_silent_endpoint_times_out(run_dir, monkeypatch):
 
 
 @pytest.fixture
-def cli_app(monkeypatch):
-    """ramgpt.cli imports render_push from ramgpt.render; until render.py carries it, provide
-    a stand-in module holding ramgpt.render_push.render_push."""
+def cli_app():
     from typer.testing import CliRunner
 
-    try:
-        from ramgpt.render import render_push  # noqa: F401
-    except ImportError:
-        from ramgpt import render_push as rp
-
-        stub = types.ModuleType("ramgpt.render")
-        stub.render_push = rp.render_push
-        monkeypatch.setitem(sys.modules, "ramgpt.render", stub)
     from ramgpt.cli import app
 
     return CliRunner(), app
@@ -578,7 +567,7 @@ def test_plan_is_plain_data():
 def test_render_push_after_a_push(run_dir):
     from rich.console import Console
 
-    from ramgpt.render_push import MAX_FILE_ROWS, render_push
+    from ramgpt.render import MAX_FILE_ROWS, render_push
 
     plan = push(run_dir, repo_id=REPO, token=TOKEN, revision="exp", api=FakeApi())
     plan.files = plan.files + [(f"extra/{i}.bin", 2048) for i in range(MAX_FILE_ROWS)]
