@@ -114,6 +114,8 @@ def train(
     prof = _load(profile, sets, micro_test)
     result = run_train(prof, resume=resume)
     err_console.print(result.summary(), highlight=False)
+    if result.interrupted:
+        raise typer.Exit(130)  # the shell convention for Ctrl-C; the checkpoint is already saved
 
 
 # ----------------------------------------------------------------------------------------------

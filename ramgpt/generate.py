@@ -531,7 +531,7 @@ def choose_device(
         return "cuda", f"the model needs {need} of {room / GIB:.2f} GiB {what}"
     return (
         "cpu",
-        f"the model needs {need} but {what} is {room / GIB:.2f} GiB (streamed generation is not available yet)",
+        f"the model needs {need} but {what} is {room / GIB:.2f} GiB",
     )
 
 
@@ -564,11 +564,23 @@ def _load_model(path: Path, device: str, vram_budget_gib: float | None) -> Loade
     if cuda and device == "auto" and vram_budget_gib is None:
         free = torch.cuda.mem_get_info()[0]
     dev, why = choose_device(device, need, cuda_available=cuda, vram_budget_gib=vram_budget_gib, free_bytes=free)
+    # a CUDA machine whose budget is too small for the weights streams them from CPU RAM
+    stream = cuda and dev == "cpu" and device == "auto"
+    if stream:
+        dev = "cuda"
     dtype = torch.float32
     if dev != "cpu":
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
             resolve_precision(profile.runtime, dev), torch.float32
         )
+    if stream:
+        from ramgpt.engine import StreamedInferenceModel, apply_vram_budget
+
+        apply_vram_budget(dev, vram_budget_gib)
+        streamed = StreamedInferenceModel(model, device=dev, dtype=dtype).eval()
+        dtype_name = str(dtype).removeprefix("torch.")
+        notice = f"device: {dev} ({dtype_name}; {why}: weights stream from CPU RAM); checkpoint: {path}"
+        return LoadedModel(streamed, profile, tokenizer_dir, dev, notice)
     try:
         model = model.to(device=dev, dtype=dtype).eval()
     except torch.cuda.OutOfMemoryError as e:

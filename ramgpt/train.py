@@ -6,10 +6,13 @@ A notebook user can call ``ramgpt.train.train(load_profile("micro-test"))``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
+import signal
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -159,6 +162,13 @@ def train(profile: Profile, resume: str | None = None, sinks: list | None = None
 
     run_dir = profile.run_dir
     loaded = None
+    if not resume:
+        existing = [i for i in ckpt.list_checkpoints(run_dir) if i.complete] if run_dir.is_dir() else []
+        if existing:
+            raise ConfigError(
+                f"{run_dir} already holds checkpoints up to step {max(i.step for i in existing)}; "
+                "continue with --resume latest, or train into a new --out-dir"
+            )
     if resume:
         # a run dir loads its newest complete checkpoint; a corrupt newest one falls back to the
         # previous one (with a warning), partial leftovers are skipped with a warning
@@ -326,7 +336,7 @@ def train(profile: Profile, resume: str | None = None, sinks: list | None = None
                 metrics: dict[str, Any] = {
                     "step": step,
                     "max_steps": max_steps,
-                    "epoch": getattr(data, "epoch", 0),
+                    "epoch": data.epoch + 1,  # the epoch being read (1-based), as the epoch events say
                     "tokens_seen": state.tokens_seen,
                     "elapsed_s": now - t_start,
                     "eta_s": (max_steps - step) * dt / window["steps"],
@@ -361,7 +371,10 @@ def train(profile: Profile, resume: str | None = None, sinks: list | None = None
         interrupted = True
         out.event("warning", f"interrupted at step {state.step}")
         if profile.checkpoint.save_on_interrupt and state.step > 0:
-            save("interrupt")
+            # a second Ctrl-C must not abort the save it is waiting for
+            with _sigint_ignored():
+                out.event("info", "saving a checkpoint before stopping (Ctrl-C is ignored until it is written)")
+                save("interrupt")
     except RamgptError:
         raise
     except Exception as e:
@@ -395,6 +408,19 @@ def train(profile: Profile, resume: str | None = None, sinks: list | None = None
         encoding="utf-8",
     )
     return result
+
+
+@contextlib.contextmanager
+def _sigint_ignored():
+    """Ignore SIGINT for the duration (main thread only; elsewhere a no-op)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _transfer_metrics(prev: dict[str, float], cur: dict[str, float], steps: int, dt: float) -> dict[str, float]:

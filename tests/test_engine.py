@@ -68,3 +68,31 @@ def test_streamed_matches_resident_over_steps(tie: bool) -> None:
         assert stm.eval_loss_sum(x, x) == pytest.approx(res.eval_loss_sum(x, x), rel=1e-5)
     finally:
         stm.close()
+
+
+def test_streamed_inference_matches_the_model_with_kv_cache() -> None:
+    """generate's streamed path (weights through ramtorch) gives the resident model's logits,
+    prompt prefill and cached single-token steps alike, and the same greedy tokens."""
+    from ramgpt.engine import StreamedInferenceModel
+    from ramgpt.generate import GenerateOptions, generate_tokens
+
+    cfg = ModelConfig(n_layer=3, n_head=2, n_embd=32, block_size=32, vocab_size=64)
+    torch.manual_seed(int(torch.randint(0, 10_000, ()).item()))
+    model = GPT(cfg).eval()
+    streamed = StreamedInferenceModel(model, device="cpu", dtype=torch.float32)
+    try:
+        idx = torch.randint(0, 64, (2, 7))
+        ref, ref_cache = model.forward_logits(idx)
+        got, cache = streamed.forward_logits(idx)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        nxt = torch.randint(0, 64, (2, 1))
+        ref2, _ = model.forward_logits(nxt, ref_cache, pos_offset=7)
+        got2, _ = streamed.forward_logits(nxt, cache, pos_offset=7)
+        torch.testing.assert_close(got2, ref2, rtol=1e-5, atol=1e-5)
+        opts = GenerateOptions(max_new_tokens=12, temperature=0.0, top_k=None, top_p=None, repetition_penalty=1.0)
+        prompt = torch.randint(1, 64, (5,)).tolist()
+        a = list(generate_tokens(model, prompt, opts, eos_id=64, device="cpu"))  # 64: never sampled
+        b = list(generate_tokens(streamed, prompt, opts, eos_id=64, device="cpu"))
+        assert a == b and len(a) == 12
+    finally:
+        streamed.close()

@@ -151,3 +151,15 @@ def test_generate_from_the_run(tmp_path: Path) -> None:
     piped = runner.invoke(app, [*args, "-i"], input="今日は\nHello\n")
     assert piped.exit_code == 0, piped.output
     assert piped.stdout.count("\n") == 2, "one reply line per piped prompt"
+
+
+def test_training_into_a_run_with_checkpoints_needs_resume(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train(_profile(run, "optim.max_steps=4"))
+    before = (run / "metrics.jsonl").read_text()
+    from ramgpt.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--resume latest"):
+        train(_profile(run, "optim.max_steps=8"))
+    assert (run / "metrics.jsonl").read_text() == before, "nothing of the earlier run is touched"
+    assert (run / "step_0000004").is_dir()
