@@ -131,8 +131,11 @@ def _write_config_dump(run_dir: Path, profile: Profile) -> None:
     os.replace(tmp, path)
 
 
-def train(profile: Profile, resume: str | None = None, sinks: list | None = None) -> TrainResult:
-    """Train ``profile``; returns a summary. Raises RamgptError subclasses for user problems."""
+def train(profile: Profile, resume: str | None = None, sinks: list | None = None, hub_api=None) -> TrainResult:
+    """Train ``profile``; returns a summary. Raises RamgptError subclasses for user problems.
+
+    ``sinks`` replaces the default metric sinks; ``hub_api`` (an ``HfApi``-like object) is used
+    for background pushes instead of a real client (notebooks, tests)."""
     from ramgpt import checkpoint as ckpt
     from ramgpt.data import TokenBatches, eval_batches
     from ramgpt.engine import build_engine
@@ -230,7 +233,8 @@ def train(profile: Profile, resume: str | None = None, sinks: list | None = None
     from ramgpt.sysstats import SystemStats
 
     sysstats = SystemStats(device, vram_budget_b=engine.vram_budget_b, pinned_bytes_fn=lambda: engine.counters().get("pinned_b", 0) if engine.name == "streamed" else None)
-    pushes: list = []
+    pushes: list = []  # background push handles (waited for before returning)
+    remote_deletes: list[str] = []  # rotated-away checkpoints still to delete on the Hub
     fpt = flops_per_token(profile, n_params)
     peak = peak_flops(device)
     max_steps = profile.optim.max_steps
@@ -272,9 +276,18 @@ def train(profile: Profile, resume: str | None = None, sinks: list | None = None
             report = ckpt.prune_checkpoints(run_dir, keep_last=profile.checkpoint.keep_last_n, keep_best=True)
             if report.removed:
                 out.event("info", f"rotated away {len(report.removed)} old checkpoint(s)")
+                if profile.checkpoint.delete_remote_rotated:
+                    from ramgpt.hub import remote_delete_patterns
+
+                    remote_deletes.extend(p for p in remote_delete_patterns(report.removed) if p not in remote_deletes)
         except RamgptError as e:
             out.event("warning", f"checkpoint rotation failed: {e}")
-        handle = _maybe_push(profile, path, state, out)
+        # deletions ride on a push; those of a push that succeeded are done
+        for h in pushes:
+            if h.done() and h.ok and h.plan is not None:
+                sent = set(h.plan.delete_patterns or ())
+                remote_deletes[:] = [p for p in remote_deletes if p not in sent]
+        handle = _maybe_push(profile, path, state, out, list(remote_deletes), hub_api)
         if handle is not None:
             pushes.append(handle)
 
@@ -442,7 +455,7 @@ def _transfer_metrics(prev: dict[str, float], cur: dict[str, float], steps: int,
     return out
 
 
-def _maybe_push(profile: Profile, path: Path, state: TrainState, out):
+def _maybe_push(profile: Profile, path: Path, state: TrainState, out, delete_patterns: list[str], api=None):
     c = profile.checkpoint
     if not (c.hf_repo_id and c.push_to_hub_interval and state.step % c.push_to_hub_interval == 0):
         return None
@@ -454,6 +467,8 @@ def _maybe_push(profile: Profile, path: Path, state: TrainState, out):
             repo_id=c.hf_repo_id,
             private=c.hub_private,
             with_optimizer=c.push_optimizer_state,
+            delete_patterns=delete_patterns or None,
+            api=api,
             on_done=lambda msg: out.event("push", msg),
             on_error=lambda msg: out.event("warning", f"push failed: {msg} (training continues)"),
         )

@@ -163,3 +163,61 @@ def test_training_into_a_run_with_checkpoints_needs_resume(tmp_path: Path) -> No
         train(_profile(run, "optim.max_steps=8"))
     assert (run / "metrics.jsonl").read_text() == before, "nothing of the earlier run is touched"
     assert (run / "step_0000004").is_dir()
+
+
+class _FakeHub:
+    """Records what a background push would send (the Hub is unreachable here)."""
+
+    def __init__(self):
+        self.uploads: list[dict] = []
+
+    def create_repo(self, repo_id, **kw):
+        return f"https://hub.example/{repo_id}"
+
+    def upload_folder(self, **kw):
+        self.uploads.append(kw)
+
+
+def test_background_push_sends_weights_not_optimizer_and_deletes_rotated(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_never_written_123")
+    run = tmp_path / "run"
+    hub = _FakeHub()
+    prof = _profile(
+        run,
+        "checkpoint.hf_repo_id=me/ramgpt-test",
+        "checkpoint.push_to_hub_interval=4",
+        "checkpoint.keep_last_n=1",
+        "checkpoint.delete_remote_rotated=true",
+    )
+    res = train(prof, hub_api=hub)
+    assert res.steps == 12
+    assert len(hub.uploads) == 3, "one push per push_to_hub_interval, all finished before train() returns"
+    for up, step in zip(hub.uploads, (4, 8, 12)):
+        assert up["repo_id"] == "me/ramgpt-test"
+        sent = " ".join(up["allow_patterns"])
+        assert f"step_{step:07d}/model.safetensors" in sent and "optimizer" not in sent
+    # keep_last_n=1 rotated step 4 away (kept only if it is the best eval); a later push deletes it remotely
+    deletes = [p for up in hub.uploads for p in (up.get("delete_patterns") or [])]
+    rotated = {f"{p.name}/*" for p in [run / "step_0000004", run / "step_0000008"] if not p.exists()}
+    assert rotated and rotated <= set(deletes)
+    for f in run.rglob("*"):
+        if f.is_file():
+            assert b"hf_secret_never_written_123" not in f.read_bytes(), f"token leaked into {f}"
+
+
+def test_wandb_offline_run_id_survives_resume(tmp_path: Path, monkeypatch) -> None:
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_API_KEY", "wandb_secret_key_never_written_0123456789")
+    run = tmp_path / "run"
+    extra = ["logging.use_wandb=true", "optim.max_steps=4"]
+    train(_profile(run, *extra))
+    meta4 = json.loads((run / "step_0000004" / "meta.json").read_text())
+    rid = meta4["train_state"]["wandb_run_id"]
+    assert rid, "the W&B run id is stored in the checkpoint"
+    assert list((run / "wandb").glob(f"offline-run-*-{rid}")), "offline mode wrote the run files"
+    train(_profile(run, "logging.use_wandb=true", "optim.max_steps=8"), resume="latest")
+    meta8 = json.loads((run / "step_0000008" / "meta.json").read_text())
+    assert meta8["train_state"]["wandb_run_id"] == rid, "a resumed run continues the same W&B run"
+    assert "wandb_secret_key" not in json.dumps(meta8) and "wandb_secret_key" not in (run / "config.yaml").read_text()
