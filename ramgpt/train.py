@@ -197,9 +197,17 @@ def train(profile: Profile, resume: str | None = None, sinks: list | None = None
 
     state = TrainState()
     if loaded is not None:
-        engine.load_model_state(loaded.model_state)
-        if loaded.optimizer_state is not None:
-            engine.optimizer.load_state_dict(loaded.optimizer_state)
+        try:
+            engine.load_model_state(loaded.model_state)
+            if loaded.optimizer_state is not None:
+                engine.optimizer.load_state_dict(loaded.optimizer_state)
+        except (KeyError, ValueError, RuntimeError) as e:
+            engine.close()
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(
+                f"checkpoint {loaded.path} does not fit profile {profile.name!r} (was it trained with another "
+                f"model shape?): {first}"
+            ) from e
         meta = loaded.meta
         engine.scaler.load_state_dict(meta.get("loss_scaler", {}))
         data.load_state_dict(meta["data_state"])
@@ -232,7 +240,7 @@ def train(profile: Profile, resume: str | None = None, sinks: list | None = None
 
     from ramgpt.sysstats import SystemStats
 
-    sysstats = SystemStats(device, vram_budget_b=engine.vram_budget_b, pinned_bytes_fn=lambda: engine.counters().get("pinned_b", 0) if engine.name == "streamed" else None)
+    sysstats = SystemStats(device, vram_budget_b=engine.vram_budget_b)  # pinned_b comes from engine.counters()
     pushes: list = []  # background push handles (waited for before returning)
     remote_deletes: list[str] = []  # rotated-away checkpoints still to delete on the Hub
     fpt = flops_per_token(profile, n_params)

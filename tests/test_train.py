@@ -221,3 +221,13 @@ def test_wandb_offline_run_id_survives_resume(tmp_path: Path, monkeypatch) -> No
     meta8 = json.loads((run / "step_0000008" / "meta.json").read_text())
     assert meta8["train_state"]["wandb_run_id"] == rid, "a resumed run continues the same W&B run"
     assert "wandb_secret_key" not in json.dumps(meta8) and "wandb_secret_key" not in (run / "config.yaml").read_text()
+
+
+def test_resume_with_another_model_shape_is_one_line(tmp_path: Path) -> None:
+    from ramgpt.errors import CheckpointError
+
+    run = tmp_path / "run"
+    train(_profile(run, "optim.max_steps=4"))
+    with pytest.raises(CheckpointError) as exc:
+        train(_profile(run, "optim.max_steps=8", "model.n_embd=64"), resume="latest")
+    assert "\n" not in str(exc.value) and "does not fit profile" in str(exc.value)
