@@ -496,7 +496,11 @@ class StreamedEngine(Engine):
         out["d2h_bytes_total"] = self.d2h.bytes
         out["h2d_seconds_total"] = self.h2d.seconds
         out["d2h_seconds_total"] = self.d2h.seconds
-        out["stall_s_total"] = self.om.stats.get("acquire_wait_s", 0.0) + self._grad_wait_s
+        # compute-thread waits: for the loader to bring a chunk in, and for a free gradient
+        # staging slot (the CPU worker's backlog); the panel shows their sum as "stall"
+        out["stall_load_s_total"] = self.om.stats.get("acquire_wait_s", 0.0)
+        out["stall_grad_s_total"] = self._grad_wait_s
+        out["stall_s_total"] = out["stall_load_s_total"] + out["stall_grad_s_total"]
         out["pinned_b"] = sum(st.nbytes() for st in self.om._state) + len(self._slots) * self._slot_bytes
         return out
 

@@ -458,6 +458,10 @@ def _transfer_metrics(prev: dict[str, float], cur: dict[str, float], steps: int,
     stall = cur["stall_s_total"] - prev.get("stall_s_total", 0.0)
     out["stall_s"] = stall / max(steps, 1)
     out["stall_pct"] = 100.0 * stall / dt
+    for part in ("load", "grad"):  # which side the compute thread waited for (metrics.jsonl only)
+        key = f"stall_{part}_s_total"
+        if key in cur:
+            out[f"stall_{part}_pct"] = 100.0 * (cur[key] - prev.get(key, 0.0)) / dt
     if "link_gbps" in cur:
         out["link_gbps"] = cur["link_gbps"]
     return out
