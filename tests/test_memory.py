@@ -462,8 +462,8 @@ def test_cpu_rss_matches_a_real_run():
         # the baseline (torch's own RSS) dominates these small models; it varies with the install
         # (243 MiB in one venv, 308 MiB in a fresh CI venv), so it only has to be in range
         assert r["base"] == pytest.approx(M.DEFAULT_ASSUMPTIONS.cpu_baseline_bytes, rel=0.25), msg
-        # total within 10%, as with the measured baseline substituted for the assumed one
-        assert predicted == pytest.approx(r["peak"], rel=0.10), msg
+        # total within 10% once the measured baseline replaces the assumed one (the raw total also
+        # depends on how heavy this install's `import torch` is, which varies by ~60 MiB)
         assert predicted - M.DEFAULT_ASSUMPTIONS.cpu_baseline_bytes + r["base"] == pytest.approx(r["peak"], rel=0.10), (
             msg
         )
