@@ -321,7 +321,7 @@ def train(profile: Profile, resume: str | None = None, sinks: list | None = None
             state.tokens_seen += n_tokens
             snapshot = {"data_state": data.state_dict(), "rng": ckpt.capture_rng_state()}
             for ev in data.pop_events():
-                out.event("epoch", ev)
+                out.event("epoch", f"{ev} (at step {step})")
             if not math.isfinite(loss) or (report.skipped and precision != "fp16"):
                 state.nonfinite_streak += 1
                 out.event("warning", f"non-finite loss/gradients at step {step}: update skipped")
@@ -348,7 +348,7 @@ def train(profile: Profile, resume: str | None = None, sinks: list | None = None
                 evaluated = True
                 if state.best_eval_loss is None or state.last_eval_loss < state.best_eval_loss:
                     state.best_eval_loss = state.last_eval_loss
-                out.event("eval", f"step {step}: eval loss {state.last_eval_loss:.4f}")
+                eval_msg = f"step {step}: eval loss {state.last_eval_loss:.4f}"
 
             if step % profile.logging.log_interval == 0 or step == max_steps or evaluated:
                 now = time.perf_counter()
@@ -382,6 +382,8 @@ def train(profile: Profile, resume: str | None = None, sinks: list | None = None
                 metrics.update(sysstats.sample())
                 out.log(metrics, step)
                 prev_counters = counters
+            if evaluated:
+                out.event("eval", eval_msg)  # after the step's row, so sinks tag it with this step
                 window = {"t": now, "tokens": 0, "steps": 0, "loss_sum": 0.0, "opt_s": 0.0}
 
             if step % profile.checkpoint.save_interval_steps == 0:
