@@ -104,7 +104,7 @@ def _is_oom(e: BaseException) -> bool:
 
 def _oom_message(profile: Profile, engine, state: TrainState) -> str:
     budget = profile.runtime.vram_budget_gib
-    predicted = ""
+    predicted = f"; see `ramgpt estimate-memory --profile {profile.name}`"
     try:
         from ramgpt.memory import estimate
 

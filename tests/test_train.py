@@ -231,3 +231,26 @@ def test_resume_with_another_model_shape_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError) as exc:
         train(_profile(run, "optim.max_steps=8", "model.n_embd=64"), resume="latest")
     assert "\n" not in str(exc.value) and "does not fit profile" in str(exc.value)
+
+
+def test_cuda_oom_is_one_line_naming_what_to_lower(tmp_path: Path, monkeypatch) -> None:
+    import ramgpt.engine as eng
+    from ramgpt.errors import OutOfMemoryError
+
+    run = tmp_path / "run"
+    calls = {"n": 0}
+    real = eng.ResidentEngine.forward_backward
+
+    def oom_later(self, x, y):
+        calls["n"] += 1
+        if calls["n"] > 10:  # step 6 (2 passes per step)
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self, x, y)
+
+    monkeypatch.setattr(eng.ResidentEngine, "forward_backward", oom_later)
+    with pytest.raises(OutOfMemoryError) as exc:
+        train(_profile(run))
+    msg = str(exc.value)
+    assert "\n" not in msg and "step 6" in msg
+    assert "optim.micro_batch_size" in msg and "estimate-memory" in msg
+    assert (run / "step_0000004" / "meta.json").is_file(), "what was saved before the OOM is intact"
