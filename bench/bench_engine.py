@@ -6,7 +6,8 @@ Sections (run them on one warm machine, so the ratios compare like with like):
   link       pinned H2D/D2H GB/s (1 GiB copies)
   resident   resident PyTorch, 1b, no VRAM cap, micro-batch 8, bf16, per-block checkpointing
   ramtorch   plain ramtorch OffloadModel, 1b, 6 GiB cap, window 3, keep="checkpoint", mb 2
-  streamed   ramgpt streamed engine through ramgpt.train.train(), rtx3050-6gb (5.1 GiB budget)
+  streamed   ramgpt streamed engine through ramgpt.train.train(), rtx3050-6gb (5.1 GiB budget);
+             env SPP (seqs per pass, default 16), ACC (host|device gradient accumulation), STEPS
   p1b        ramgpt streamed engine, 0p1b under the same 5.1 GiB budget
   agree      small model: resident vs streamed bf16 loss curves on the GPU (same init, same data)
 
@@ -151,7 +152,9 @@ def section_resident(out: Path) -> dict:
 def section_streamed(out: Path) -> dict:
     spp = os.environ.get("SPP", "16")
     steps = int(os.environ.get("STEPS", "4"))
-    return _train_section("rtx3050-6gb", [f"runtime.seqs_per_pass={spp}"], steps, "streamed")
+    acc = os.environ.get("ACC", "host")  # runtime.grad_accum: host (measured) or device (experimental)
+    return _train_section("rtx3050-6gb", [f"runtime.seqs_per_pass={spp}", f"runtime.grad_accum={acc}"], steps,
+                          f"streamed-{acc}")
 
 
 def section_p1b(out: Path) -> dict:

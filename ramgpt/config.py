@@ -166,6 +166,12 @@ class RuntimeConfig(_Section):
         None, ge=1, description="Streamed engine: sequences that share one pass of the weights (default: the largest the budget allows)."
     )
     loss_chunk_tokens: int = Field(2048, ge=16, description="Tokens per chunk of the fused output-layer + cross-entropy.")
+    grad_accum: Literal["host", "device"] = Field(
+        "host",
+        description="Streamed engine: where each pass's gradients are summed into the fp32 accumulators. host: a CPU "
+        "worker (measured, docs/benchmarks.md); device: the accumulators stream through the GPU on a side stream "
+        "(experimental, not yet measured on a GPU).",
+    )
     seed: int = Field(1337, description="Seed for weights init and everything random in training.")
     threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: torch's choice).")
 

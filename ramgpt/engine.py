@@ -341,9 +341,12 @@ class StreamedEngine(Engine):
     name = "streamed"
 
     def __init__(self, model: GPT, *, device: str, precision: str, optim_cfg, seqs_per_pass: int,
-                 window: int = 3, pin: int = 0, vram_budget_b: int | None = None):
+                 window: int = 3, pin: int = 0, vram_budget_b: int | None = None, grad_accum: str = "host"):
         super().__init__(model, device=device, precision=precision, optim_cfg=optim_cfg, vram_budget_b=vram_budget_b)
+        if grad_accum not in ("host", "device"):
+            raise ValueError(f"grad_accum must be 'host' or 'device', got {grad_accum!r}")
         self.cuda = device.startswith("cuda")
+        self.grad_accum = grad_accum
         self._spp = seqs_per_pass
         self.model.to("cpu")  # fp32 masters live in CPU RAM
         self.optimizer = _make_optimizer(model, optim_cfg.lr, optim_cfg.weight_decay,
@@ -379,6 +382,8 @@ class StreamedEngine(Engine):
         self._grad_wait_s = 0.0
         self._worker = threading.Thread(target=self._grad_worker, name="ramgpt-grad-accum", daemon=True)
         self._worker.start()
+        if grad_accum == "device":
+            self._setup_device_accum()
         del copies
         _release_freed_heap()  # the fp32 deep copies were freed after pinning; give them back to the OS
 
@@ -402,6 +407,9 @@ class StreamedEngine(Engine):
 
     def _on_grads(self, idx: int, named_grads: dict[str, torch.Tensor]) -> None:
         """Compute thread, right after chunk ``idx``'s backward: ship its grads to the host."""
+        if self.grad_accum == "device":
+            self._on_grads_device(idx, named_grads)
+            return
         if self._worker_error is not None:
             raise RuntimeError("gradient worker failed") from self._worker_error
         if not self.cuda:
@@ -427,6 +435,71 @@ class StreamedEngine(Engine):
             done = torch.cuda.Event()
             done.record(self._d2h_stream)
         self._q.put((idx, stage, done, slot))
+
+    # -- gradient path, grad_accum="device" (experimental; see docs/design.md) ------------------
+    def _setup_device_accum(self) -> None:
+        """fp32 master grads as views of one flat host buffer, registered with CUDA so the side
+        stream can DMA it both ways (one registration: no per-tensor power-of-two rounding)."""
+        params = self.params
+        sizes = [_aligned(p.numel() * 4) // 4 for p in params]
+        self._grad_flat = torch.empty(sum(sizes), dtype=torch.float32)
+        self._registered = False
+        if self.cuda:
+            rc = torch.cuda.cudart().cudaHostRegister(self._grad_flat.data_ptr(), self._grad_flat.numel() * 4, 0)
+            self._registered = int(rc) == 0
+        off = 0
+        for p, n in zip(params, sizes):
+            p.grad = self._grad_flat[off : off + p.numel()].view_as(p)
+            off += n
+        self._acc_stream = torch.cuda.Stream(torch.device(self.device)) if self.cuda else None
+        self._acc_pending: list = []  # done-events of chunks whose accumulation is in flight
+        self._acc_h2d_bytes = 0
+
+    def _on_grads_device(self, idx: int, named_grads: dict[str, torch.Tensor]) -> None:
+        """Sum this pass's bf16 grads into the fp32 host accumulators on the GPU: H2D the
+        accumulator, add, D2H it back, all on one side stream (ordered after the previous pass's
+        D2H of the same tensor, and after the head chunk's part of the tied embedding)."""
+        masters = self._master_of[idx]
+        if not self.cuda:
+            with torch.no_grad():
+                for k, g in named_grads.items():
+                    p = masters[k]
+                    if id(p) in self._touched:
+                        p.grad.add_(g.float())
+                    else:
+                        p.grad.copy_(g)
+                        self._touched.add(id(p))
+            return
+        dev = torch.device(self.device)
+        # bound the GPU memory held by accumulations in flight to two chunks' worth
+        while len(self._acc_pending) >= 2:
+            t0 = time.perf_counter()
+            self._acc_pending.pop(0).synchronize()
+            self._grad_wait_s += time.perf_counter() - t0
+        ready = torch.cuda.Event()
+        ready.record(torch.cuda.current_stream(dev))
+        s = self._acc_stream
+        nbytes_in = nbytes_out = 0
+        with torch.no_grad(), torch.cuda.stream(s):
+            s.wait_event(ready)
+            for k, g in named_grads.items():
+                p = masters[k]
+                if id(p) in self._touched:
+                    buf = torch.empty(g.shape, dtype=torch.float32, device=dev)
+                    buf.copy_(p.grad, non_blocking=True)
+                    buf.add_(g)
+                    nbytes_in += buf.numel() * 4
+                else:
+                    buf = g.float()
+                    self._touched.add(id(p))
+                p.grad.copy_(buf, non_blocking=True)
+                nbytes_out += buf.numel() * 4
+                g.record_stream(s)
+            done = torch.cuda.Event()
+            done.record(s)
+        self._acc_pending.append(done)
+        self.d2h.bytes += nbytes_out
+        self._acc_h2d_bytes += nbytes_in
 
     def _grad_worker(self) -> None:
         while True:
@@ -461,6 +534,11 @@ class StreamedEngine(Engine):
         self._touched.clear()
 
     def _before_optimizer(self) -> None:
+        if self.grad_accum == "device" and self.cuda:
+            t0 = time.perf_counter()
+            self._acc_stream.synchronize()
+            self._acc_pending.clear()
+            self._grad_wait_s += time.perf_counter() - t0
         self._q.join()
         if self._worker_error is not None:
             raise RuntimeError("gradient worker failed") from self._worker_error
@@ -492,7 +570,7 @@ class StreamedEngine(Engine):
         out = super().counters()
         self.h2d.harvest()
         self.d2h.harvest()
-        out["h2d_bytes_total"] = self.h2d.bytes
+        out["h2d_bytes_total"] = self.h2d.bytes + getattr(self, "_acc_h2d_bytes", 0)
         out["d2h_bytes_total"] = self.d2h.bytes
         out["h2d_seconds_total"] = self.h2d.seconds
         out["d2h_seconds_total"] = self.d2h.seconds
@@ -507,6 +585,10 @@ class StreamedEngine(Engine):
     def close(self) -> None:
         self._q.put(None)
         self._worker.join(timeout=5)
+        if getattr(self, "_registered", False):
+            torch.cuda.synchronize(torch.device(self.device))
+            torch.cuda.cudart().cudaHostUnregister(self._grad_flat.data_ptr())
+            self._registered = False
         self.om.close()
 
 
@@ -611,7 +693,7 @@ def build_engine(profile, model: GPT, device: str, precision: str, *, engine: st
         spp = min(spp, profile.optim.seqs_per_step)
         return StreamedEngine(model, device=device, precision=precision, optim_cfg=profile.optim,
                               seqs_per_pass=spp, window=rt.stream_window, pin=rt.stream_pin,
-                              vram_budget_b=budget_b)
+                              vram_budget_b=budget_b, grad_accum=rt.grad_accum)
     return ResidentEngine(model, device=device, precision=precision, optim_cfg=profile.optim,
                           micro_batch_size=seqs_per_pass or profile.optim.micro_batch_size,
                           gradient_checkpointing=rt.gradient_checkpointing and device != "cpu",

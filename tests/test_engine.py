@@ -13,13 +13,13 @@ from ramgpt.engine import ResidentEngine, StreamedEngine
 from ramgpt.model import GPT
 
 
-def _pair(seed: int, cfg: ModelConfig, optim: OptimConfig, spp: int):
+def _pair(seed: int, cfg: ModelConfig, optim: OptimConfig, spp: int, grad_accum: str = "host"):
     torch.manual_seed(seed)
     base = GPT(cfg)
     res = ResidentEngine(copy.deepcopy(base), device="cpu", precision="fp32", optim_cfg=optim,
                          micro_batch_size=spp, gradient_checkpointing=False)
     stm = StreamedEngine(copy.deepcopy(base), device="cpu", precision="fp32", optim_cfg=optim,
-                         seqs_per_pass=spp, window=2)
+                         seqs_per_pass=spp, window=2, grad_accum=grad_accum)
     return res, stm
 
 
@@ -27,13 +27,14 @@ def _grads(engine) -> dict[str, torch.Tensor]:
     return {n: p.grad.detach().clone() for n, p in engine.model.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.parametrize("grad_accum", ["host", "device"])
 @pytest.mark.parametrize("tie", [True, False])
-def test_streamed_matches_resident_over_steps(tie: bool) -> None:
+def test_streamed_matches_resident_over_steps(tie: bool, grad_accum: str) -> None:
     cfg = ModelConfig(n_layer=3, n_head=2, n_embd=32, block_size=16, vocab_size=64, tie_embeddings=tie)
     # eps 1e-6: the key part of c_attn's bias has an exactly-zero true gradient (softmax is
     # shift-invariant), and Adam with a tiny eps would amplify its rounding noise into updates
     optim = OptimConfig(lr=3e-3, eps=1e-6, grad_clip=1.0, micro_batch_size=2, grad_accum_steps=3)
-    res, stm = _pair(int(torch.randint(0, 10_000, ()).item()), cfg, optim, spp=2)
+    res, stm = _pair(int(torch.randint(0, 10_000, ()).item()), cfg, optim, spp=2, grad_accum=grad_accum)
     gen = torch.Generator().manual_seed(int(torch.randint(0, 10_000, ()).item()))
     try:
         start = {n: p.detach().clone() for n, p in stm.model.named_parameters()}
