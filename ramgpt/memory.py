@@ -615,6 +615,13 @@ def streamed_gpu(profile: Profile, seqs_per_pass: int, *, a: Assumptions = DEFAU
         Term("block grads (bf16) + backward temporaries/workspaces (measured)", 5 * blk),
         head_grads,
     ]
+    if getattr(rt, "grad_accum", "host") == "device":
+        # runtime.grad_accum=device: up to two chunks' fp32 accumulators in flight on the side
+        # stream, the largest being the head/embedding (an assumption: not yet measured on a GPU)
+        largest = max(c.params for c in chunks) * 4
+        phases["backward (last block)"].append(
+            Term("fp32 gradient accumulators in flight (grad_accum=device, 2 chunks; unmeasured)", 2 * largest)
+        )
     act_ckpt = (L + 1) * bnd
     act_full = L * T * C * (block_saved_per_token(d) + d.resid) + bnd
     return _finish_gpu("streamed", S, T, phases, act_ckpt, act_full, a)

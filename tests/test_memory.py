@@ -469,3 +469,15 @@ def test_cpu_rss_matches_a_real_run():
         )
         # and the model's own share within 30% or 40 MiB (allocator noise on ~100-300 MiB)
         assert abs(delta_predicted - delta_measured) <= max(0.30 * delta_measured, 40 * MiB), msg
+
+
+def test_device_grad_accum_costs_vram():
+    """grad_accum=device keeps fp32 accumulators in flight on the GPU: the estimate counts them,
+    so the largest seqs_per_pass under the 5.1 GiB budget drops."""
+    host = load_profile("rtx3050-6gb", ["runtime.seqs_per_pass=16"], use_env=False)
+    dev = load_profile("rtx3050-6gb", ["runtime.seqs_per_pass=16", "runtime.grad_accum=device"], use_env=False)
+    e_host, e_dev = M.estimate(host, detect=False), M.estimate(dev, detect=False)
+    assert e_dev.gpu.need_bytes > e_host.gpu.need_bytes
+    assert "grad_accum=device" in json.dumps(e_dev.to_dict())
+    budget = int(5.1 * GiB)
+    assert M.max_seqs_per_pass(dev, budget) < M.max_seqs_per_pass(host, budget)
