@@ -510,6 +510,18 @@ class LivePanel:
         self._latest = m
         self._changed()
 
+    def progress(self, step: int, **quick: Any) -> None:
+        """Between logged steps: move the step counter, elapsed, ETA and tokens (no new loss
+        point, no metrics.jsonl row). Cheap: it only stores the numbers; redraws stay throttled."""
+        if self._closed or not self._latest:
+            return
+        m = dict(self._latest)
+        m.update(quick)
+        m["step"] = step
+        self._step = step
+        self._latest = m
+        self._changed()
+
     def event(self, kind: str, message: str) -> None:
         if self._closed:
             return
@@ -970,6 +982,17 @@ class MultiSink:
                 s.event(kind, message)
             except Exception as e:
                 self._failed(s, "event", e)
+
+    def progress(self, step: int, **quick: Any) -> None:
+        """Per-step progress for sinks that show it (the live panel); others have no such method."""
+        for s in self.sinks:
+            fn = getattr(s, "progress", None)
+            if fn is None:
+                continue
+            try:
+                fn(step, **quick)
+            except Exception as e:
+                self._failed(s, "progress", e)
 
     def close(self) -> None:
         for s in self.sinks:

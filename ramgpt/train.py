@@ -382,9 +382,17 @@ def train(profile: Profile, resume: str | None = None, sinks: list | None = None
                 metrics.update(sysstats.sample())
                 out.log(metrics, step)
                 prev_counters = counters
+                window = {"t": now, "tokens": 0, "steps": 0, "loss_sum": 0.0, "opt_s": 0.0}
+            else:
+                now = time.perf_counter()
+                out.progress(
+                    step,
+                    tokens_seen=state.tokens_seen,
+                    elapsed_s=now - t_start,
+                    eta_s=(max_steps - step) * (now - window["t"]) / max(window["steps"], 1),
+                )
             if evaluated:
                 out.event("eval", eval_msg)  # after the step's row, so sinks tag it with this step
-                window = {"t": now, "tokens": 0, "steps": 0, "loss_sum": 0.0, "opt_s": 0.0}
 
             if step % profile.checkpoint.save_interval_steps == 0:
                 save("interval")

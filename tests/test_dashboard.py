@@ -507,3 +507,19 @@ def test_fake_metrics_follow_the_cpu_contract() -> None:
     m = fake_metrics(1, 2, gpu=False)
     assert not any(k.startswith(("vram", "h2d", "d2h", "gpu")) or k in ("mfu", "stall_pct") for k in m)
     assert all(not (isinstance(v, float) and math.isnan(v)) for v in m.values())
+
+
+def test_panel_progress_moves_the_step_between_logged_rows() -> None:
+    panel = LivePanel(console=recording_console())
+    try:
+        panel.progress(3, elapsed_s=1.0)  # nothing logged yet: ignored
+        feed(panel, 10, gpu=False, max_steps=120)
+        assert "step 10/120" in rendered_text(panel)
+        panel.progress(13, tokens_seen=26_624, elapsed_s=99.0, eta_s=5.0)
+        text = rendered_text(panel)
+        assert "step 13/120" in text and "0:01:39" in text  # elapsed 99 s
+        multi = MultiSink([panel, PlainSink(io.StringIO())])  # PlainSink has no progress: skipped
+        multi.progress(14, elapsed_s=100.0)
+        assert "step 14/120" in rendered_text(panel)
+    finally:
+        panel.close()

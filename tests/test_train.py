@@ -62,6 +62,8 @@ def test_micro_test_writes_a_complete_run(tmp_path: Path) -> None:
         assert r["tokens_per_s"] > 0
     assert [r["step"] for r in rows if "eval_loss" in r] == [4, 8, 12]
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.5, "the loss must fall visibly"
+    for r in rows:  # log_interval=1: each row's window is that one step
+        assert r["loss_avg"] == pytest.approx(r["loss"]) and r["tokens_per_s"] == pytest.approx(1024 / r["step_time_s"])
     assert rows[0]["lr"] > 0, "warmup starts at step 1, never at lr 0"
     # keep_last_n=2 rotation leaves the two newest (and the best-eval one)
     ckpts = sorted(p.name for p in run.glob("step_*"))
@@ -254,3 +256,29 @@ def test_cuda_oom_is_one_line_naming_what_to_lower(tmp_path: Path, monkeypatch) 
     assert "\n" not in msg and "step 6" in msg
     assert "optim.micro_batch_size" in msg and "estimate-memory" in msg
     assert (run / "step_0000004" / "meta.json").is_file(), "what was saved before the OOM is intact"
+
+
+class _Progress:
+    def __init__(self):
+        self.logged: list[int] = []
+        self.progressed: list[int] = []
+
+    def log(self, metrics, step):
+        self.logged.append(step)
+
+    def progress(self, step, **quick):
+        assert quick["tokens_seen"] == step * 1024 and quick["eta_s"] >= 0
+        self.progressed.append(step)
+
+    def event(self, kind, message):
+        pass
+
+    def close(self):
+        pass
+
+
+def test_steps_between_log_rows_still_report_progress(tmp_path: Path) -> None:
+    sink = _Progress()
+    train(_profile(tmp_path / "r", "logging.log_interval=5", "logging.eval_interval=100"), sinks=[sink])
+    assert sink.logged == [5, 10, 12]
+    assert sink.progressed == [1, 2, 3, 4, 6, 7, 8, 9, 11]
