@@ -9,7 +9,10 @@ Sections (run them on one warm machine, so the ratios compare like with like):
   streamed   ramgpt streamed engine through ramgpt.train.train(), rtx3050-6gb (5.1 GiB budget);
              env SPP (seqs per pass, default 16), ACC (host|device gradient accumulation), STEPS
   p1b        ramgpt streamed engine, 0p1b under the same 5.1 GiB budget
-  agree      small model: resident vs streamed bf16 loss curves on the GPU (same init, same data)
+  p1b_resident  resident PyTorch, 0p1b, no cap (the p1b section's baseline)
+  agree      small model: resident vs streamed bf16 loss curves on the GPU (same init, same data);
+             env ACC picks the streamed run's gradient accumulation
+  accagree   small model: streamed grad_accum=host vs grad_accum=device loss curves
 
 Each section writes DIR/<section>.json and prints one summary line. tokens/s is counted over
 whole optimizer steps (optimizer included) with the tokens per step stated in the output.
@@ -200,16 +203,36 @@ def section_ramtorch(out: Path) -> dict:
             "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30, "peak_rss_gib": rss.stop() / 2**30}
 
 
-def section_agree(out: Path) -> dict:
-    """Resident vs streamed bf16 on a small model: same init (seed), same data, 30 steps."""
-    common = ["model.n_layer=6", "model.n_head=8", "model.n_embd=512", "data.seq_len=256", "model.block_size=256",
+_AGREE_COMMON = ["model.n_layer=6", "model.n_head=8", "model.n_embd=512", "data.seq_len=256", "model.block_size=256",
               "optim.micro_batch_size=8", "optim.grad_accum_steps=2", "optim.lr=1e-3", "scheduler.warmup_steps=5",
               "runtime.precision=bf16"]
-    a = _train_section("0p1b", [*common, "runtime.engine=resident"], 30, "agree-res")
-    b = _train_section("0p1b", [*common, "runtime.engine=streamed", "runtime.seqs_per_pass=8"], 30, "agree-stm")
+
+
+def section_agree(out: Path) -> dict:
+    """Resident vs streamed bf16 on a small model: same init (seed), same data, 30 steps
+    (2 weight passes per optimizer step, so pass-to-pass accumulation is exercised)."""
+    acc = os.environ.get("ACC", "host")
+    a = _train_section("0p1b", [*_AGREE_COMMON, "runtime.engine=resident"], 30, "agree-res")
+    b = _train_section("0p1b", [*_AGREE_COMMON, "runtime.engine=streamed", "runtime.seqs_per_pass=8",
+                                f"runtime.grad_accum={acc}"], 30, "agree-stm")
     diffs = [abs(x - y) for x, y in zip(a["losses"], b["losses"])]
-    return {"resident": a["losses"], "streamed": b["losses"], "max_abs_diff": max(diffs),
+    return {"resident": a["losses"], "streamed": b["losses"], "grad_accum": acc, "max_abs_diff": max(diffs),
             "final": (a["losses"][-1], b["losses"][-1])}
+
+
+def section_accagree(out: Path) -> dict:
+    """Streamed with grad_accum=host vs grad_accum=device on the small model: both add the same
+    bf16 pass gradients into fp32 (CPU vs GPU), so the losses should agree to fp32 rounding."""
+    common = [*_AGREE_COMMON, "runtime.engine=streamed", "runtime.seqs_per_pass=8"]
+    a = _train_section("0p1b", [*common, "runtime.grad_accum=host"], 30, "acc-host")
+    b = _train_section("0p1b", [*common, "runtime.grad_accum=device"], 30, "acc-device")
+    diffs = [abs(x - y) for x, y in zip(a["losses"], b["losses"])]
+    return {"host": a["losses"], "device": b["losses"], "max_abs_diff": max(diffs)}
+
+
+def section_p1b_resident(out: Path) -> dict:
+    """Resident baseline for the 0p1b profile (no cap), to give the p1b section its ratio."""
+    return _train_section("0p1b", ["runtime.engine=resident", "runtime.precision=bf16"], 4, "p1b-res")
 
 
 def section_summary(out: Path) -> dict:
@@ -227,13 +250,15 @@ def section_summary(out: Path) -> dict:
 
 
 SECTIONS = {"summary": section_summary, "link": section_link, "resident": section_resident, "ramtorch": section_ramtorch,
-            "streamed": section_streamed, "p1b": section_p1b, "agree": section_agree}
+            "streamed": section_streamed, "p1b": section_p1b, "p1b_resident": section_p1b_resident,
+            "agree": section_agree, "accagree": section_accagree}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("section", choices=sorted(SECTIONS))
     ap.add_argument("--out", type=Path, default=Path("bench-out"))
+    ap.add_argument("--tag", default="", help="suffix of the result file: DIR/<section><tag>.json")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     res = SECTIONS[args.section](args.out)
@@ -241,9 +266,9 @@ def main() -> None:
     res["torch"] = torch.__version__
     res["date"] = time.strftime("%Y-%m-%d")
     if args.section != "summary":
-        (args.out / f"{args.section}.json").write_text(json.dumps(res, indent=2))
+        (args.out / f"{args.section}{args.tag}.json").write_text(json.dumps(res, indent=2))
     short = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in res.items() if not isinstance(v, list)}
-    print(f"RESULT {args.section}: {json.dumps(short)}", flush=True)
+    print(f"RESULT {args.section}{args.tag}: {json.dumps(short)}", flush=True)
 
 
 if __name__ == "__main__":

@@ -438,6 +438,8 @@ class StreamedEngine(Engine):
         self._q.put((idx, stage, done, slot))
 
     # -- gradient path, grad_accum="device" (experimental; see docs/design.md) ------------------
+    _ACC_PIECE = 16 * 2**20  # elements per GPU scratch piece (64 MiB of fp32)
+
     def _setup_device_accum(self) -> None:
         """fp32 master grads as views of one flat host buffer, registered with CUDA so the side
         stream can DMA it both ways (one registration: no per-tensor power-of-two rounding)."""
@@ -472,7 +474,8 @@ class StreamedEngine(Engine):
                         self._touched.add(id(p))
             return
         dev = torch.device(self.device)
-        # bound the GPU memory held by accumulations in flight to two chunks' worth
+        # bound the GPU memory held by accumulations in flight (the chunks' bf16 grads stay
+        # alive until the side stream has read them) to two chunks' worth
         while len(self._acc_pending) >= 2:
             t0 = time.perf_counter()
             self._acc_pending.pop(0).synchronize()
@@ -481,20 +484,27 @@ class StreamedEngine(Engine):
         ready.record(torch.cuda.current_stream(dev))
         s = self._acc_stream
         nbytes_in = nbytes_out = 0
+        piece = self._ACC_PIECE
         with torch.no_grad(), torch.cuda.stream(s):
             s.wait_event(ready)
             for k, g in named_grads.items():
                 p = masters[k]
-                if id(p) in self._touched:
-                    buf = torch.empty(g.shape, dtype=torch.float32, device=dev)
-                    buf.copy_(p.grad, non_blocking=True)
-                    buf.add_(g)
-                    nbytes_in += buf.numel() * 4
-                else:
-                    buf = g.float()
-                    self._touched.add(id(p))
-                p.grad.copy_(buf, non_blocking=True)
-                nbytes_out += buf.numel() * 4
+                first = id(p) not in self._touched
+                self._touched.add(id(p))
+                gf, hf = g.detach().reshape(-1), p.grad.view(-1)
+                # in pieces, so the fp32 scratch on the GPU stays small (the tied embedding alone
+                # is 0.3 GB in fp32); allocations on the side stream are reused stream-ordered
+                for a in range(0, gf.numel(), piece):
+                    b = min(a + piece, gf.numel())
+                    if first:
+                        buf = gf[a:b].float()
+                    else:
+                        buf = torch.empty(b - a, dtype=torch.float32, device=dev)
+                        buf.copy_(hf[a:b], non_blocking=True)
+                        buf.add_(gf[a:b])
+                        nbytes_in += (b - a) * 4
+                    hf[a:b].copy_(buf, non_blocking=True)
+                    nbytes_out += (b - a) * 4
                 g.record_stream(s)
             done = torch.cuda.Event()
             done.record(s)

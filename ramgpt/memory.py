@@ -616,11 +616,13 @@ def streamed_gpu(profile: Profile, seqs_per_pass: int, *, a: Assumptions = DEFAU
         head_grads,
     ]
     if getattr(rt, "grad_accum", "host") == "device":
-        # runtime.grad_accum=device: up to two chunks' fp32 accumulators in flight on the side
-        # stream, the largest being the head/embedding (an assumption: not yet measured on a GPU)
-        largest = max(c.params for c in chunks) * 4
+        # runtime.grad_accum=device: the side stream's fp32 scratch (two 64 MiB pieces) and one
+        # more chunk's bf16 grads kept alive until the side stream has read them (the largest
+        # chunk is the head/embedding). An assumption until measured on a GPU.
+        largest = max(c.params for c in chunks)
         phases["backward (last block)"].append(
-            Term("fp32 gradient accumulators in flight (grad_accum=device, 2 chunks; unmeasured)", 2 * largest)
+            Term("fp32 accumulation scratch + a chunk's grads in flight (grad_accum=device)",
+                 2 * 64 * 2**20 + 2 * largest)
         )
     act_ckpt = (L + 1) * bnd
     act_full = L * T * C * (block_saved_per_token(d) + d.resid) + bnd

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# One round of GPU measurements on a warm machine, as run for docs/benchmarks.md:
+#
+#   bash bench/gpu_round.sh engine  OUTDIR   # link, resident 1b, streamed 1b (host and device
+#                                            # gradient accumulation), their agreement, panel capture
+#   bash bench/gpu_round.sh loss    OUTDIR   # a few hundred steps of the 1b model under the budget,
+#                                            # and the 0p1b streamed run with its resident baseline
+#
+# Every section runs in its own process under a time limit, so one failure (an OOM) leaves the
+# others standing. Results: OUTDIR/log-<round>.txt, OUTDIR/res-<round>.tgz (JSON per section) and
+# the panel capture. Needs ramgpt's dependencies importable (see noxfile.py's gpu session).
+set -u
+round=$1
+out=$2
+res=/tmp/ramgpt-res-$round
+mkdir -p "$out" "$res"
+log=$out/log-$round.txt
+{
+  date -u
+  nvidia-smi --query-gpu=name,driver_version,memory.total,pcie.link.gen.current,pcie.link.width.current --format=csv
+  python3 -c "import torch, ramtorch; print('torch', torch.__version__, 'ramtorch', ramtorch.__version__)"
+  nproc
+} >>"$log" 2>&1
+
+section() {  # section LIMIT_S SECTION [--tag T] ; env passes through
+  local limit=$1
+  shift
+  echo "== $* (SPP=${SPP:-} ACC=${ACC:-})" >>"$log"
+  timeout "$limit" python3 bench/bench_engine.py "$@" --out "$res" >>"$log" 2>&1
+  local rc=$?
+  echo "rc=$rc" >>"$log"
+  return $rc
+}
+
+train_cmd() {  # the product's own command line, as a user types it
+  python3 -m ramgpt train --set data.source=embedded --set data.tokenizer=embedded "$@"
+}
+
+case $round in
+engine)
+  section 60 link
+  section 150 resident
+  SPP=16 ACC=host section 150 streamed --tag -host16
+  if ! SPP=16 ACC=device section 150 streamed --tag -device16; then
+    SPP=14 ACC=device section 150 streamed --tag -device14
+  fi
+  section 120 accagree
+  # the live panel in a terminal during a streamed 0p1b run under the 5.1 GiB budget; ^C at 55 s
+  python3 bench/capture_panel.py --out "$out/panel" --cols 140 --rows 45 --ctrl-c-after 55 --timeout 150 -- \
+    python3 -m ramgpt train --profile 0p1b --set data.source=embedded --set data.tokenizer=embedded \
+    --set runtime.engine=streamed --set runtime.vram_budget_gib=5.1 --set runtime.seqs_per_pass=64 \
+    --set logging.eval_interval=20 --set checkpoint.save_interval_steps=25 --max-steps 2000 \
+    --out-dir /tmp/panelrun >>"$log" 2>&1
+  echo "capture rc=$?" >>"$log"
+  ;;
+loss)
+  ACC=${ACC:-host}
+  timeout 480 bash -c "$(declare -f train_cmd); train_cmd --profile rtx3050-6gb \
+    --set optim.grad_accum_steps=16 --set runtime.seqs_per_pass=16 --set runtime.grad_accum=$ACC \
+    --set scheduler.warmup_steps=10 --max-steps ${STEPS:-300} --set logging.log_interval=5 \
+    --set logging.eval_interval=50 --set checkpoint.save_final=false \
+    --set checkpoint.save_interval_steps=100000 --no-tui --out-dir /tmp/lossrun" >>"$log" 2>&1
+  echo "loss rc=$?" >>"$log"
+  cp /tmp/lossrun/metrics.jsonl "$out/loss-metrics.jsonl" 2>/dev/null
+  section 90 p1b_resident
+  section 90 p1b
+  ;;
+esac
+python3 bench/bench_engine.py summary --out "$res" >>"$log" 2>&1
+tar -czf "$out/res-$round.tgz" -C "$res" .
