@@ -7,7 +7,8 @@ Sections (run them on one warm machine, so the ratios compare like with like):
   resident   resident PyTorch, 1b, no VRAM cap, micro-batch 8, bf16, per-block checkpointing
   ramtorch   plain ramtorch OffloadModel, 1b, 6 GiB cap, window 3, keep="checkpoint", mb 2
   streamed   ramgpt streamed engine through ramgpt.train.train(), rtx3050-6gb (5.1 GiB budget);
-             env SPP (seqs per pass, default 16), ACC (host|device gradient accumulation), STEPS
+             env SPP (seqs per pass, default 16), ACC (host|device gradient accumulation; default
+             the profile's auto), STEPS
   p1b        ramgpt streamed engine, 0p1b under the same 5.1 GiB budget
   p1b_resident  resident PyTorch, 0p1b, no cap (the p1b section's baseline)
   agree      small model: resident vs streamed bf16 loss curves on the GPU (same init, same data);
@@ -155,9 +156,9 @@ def section_resident(out: Path) -> dict:
 def section_streamed(out: Path) -> dict:
     spp = os.environ.get("SPP", "16")
     steps = int(os.environ.get("STEPS", "4"))
-    acc = os.environ.get("ACC", "host")  # runtime.grad_accum: host (measured) or device (experimental)
-    return _train_section("rtx3050-6gb", [f"runtime.seqs_per_pass={spp}", f"runtime.grad_accum={acc}"], steps,
-                          f"streamed-{acc}")
+    acc = os.environ.get("ACC")  # runtime.grad_accum: host | device (unset: the profile's, auto)
+    sets = [f"runtime.seqs_per_pass={spp}"] + ([f"runtime.grad_accum={acc}"] if acc else [])
+    return _train_section("rtx3050-6gb", sets, steps, f"streamed-{acc or 'auto'}")
 
 
 def section_p1b(out: Path) -> dict:

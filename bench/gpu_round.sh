@@ -3,8 +3,10 @@
 #
 #   bash bench/gpu_round.sh engine  OUTDIR   # link, resident 1b, streamed 1b (host and device
 #                                            # gradient accumulation), their agreement, panel capture
-#   bash bench/gpu_round.sh loss    OUTDIR   # a few hundred steps of the 1b model under the budget,
-#                                            # and the 0p1b streamed run with its resident baseline
+#   bash bench/gpu_round.sh streamed OUTDIR  # only the streamed 1b sections
+#   bash bench/gpu_round.sh loss    OUTDIR   # a few hundred steps of the 1b model under the budget
+#   bash bench/gpu_round.sh final   OUTDIR   # the shipped defaults, 0p1b vs its resident baseline,
+#                                            # and generate with weights streamed vs resident
 #
 # Every section runs in its own process under a time limit, so one failure (an OOM) leaves the
 # others standing. Results: OUTDIR/log-<round>.txt, OUTDIR/res-<round>.tgz (JSON per section) and
@@ -36,14 +38,21 @@ train_cmd() {  # the product's own command line, as a user types it
   python3 -m ramgpt train --set data.source=embedded --set data.tokenizer=embedded "$@"
 }
 
+streamed_1b() {  # rtx3050-6gb: host vs device gradient accumulation
+  SPP=16 ACC=host section 150 streamed --tag=_host16
+  if ! SPP=16 ACC=device section 150 streamed --tag=_device16; then
+    SPP=14 ACC=device section 150 streamed --tag=_device14
+  fi
+}
+
 case $round in
+streamed)
+  streamed_1b
+  ;;
 engine)
   section 60 link
   section 150 resident
-  SPP=16 ACC=host section 150 streamed --tag -host16
-  if ! SPP=16 ACC=device section 150 streamed --tag -device16; then
-    SPP=14 ACC=device section 150 streamed --tag -device14
-  fi
+  streamed_1b
   section 120 accagree
   # the live panel in a terminal during a streamed 0p1b run under the 5.1 GiB budget; ^C at 55 s
   python3 bench/capture_panel.py --out "$out/panel" --cols 140 --rows 45 --ctrl-c-after 55 --timeout 150 -- \
@@ -55,15 +64,29 @@ engine)
   ;;
 loss)
   ACC=${ACC:-host}
-  timeout 480 bash -c "$(declare -f train_cmd); train_cmd --profile rtx3050-6gb \
+  timeout "${LOSS_LIMIT_S:-560}" bash -c "$(declare -f train_cmd); train_cmd --profile rtx3050-6gb \
     --set optim.grad_accum_steps=16 --set runtime.seqs_per_pass=16 --set runtime.grad_accum=$ACC \
     --set scheduler.warmup_steps=10 --max-steps ${STEPS:-300} --set logging.log_interval=5 \
     --set logging.eval_interval=50 --set checkpoint.save_final=false \
     --set checkpoint.save_interval_steps=100000 --no-tui --out-dir /tmp/lossrun" >>"$log" 2>&1
   echo "loss rc=$?" >>"$log"
   cp /tmp/lossrun/metrics.jsonl "$out/loss-metrics.jsonl" 2>/dev/null
+  ;;
+final)  # the shipped defaults (grad_accum auto), 0p1b, and generation with streamed weights
+  SPP=16 section 150 streamed --tag=_auto16
   section 90 p1b_resident
   section 90 p1b
+  train_cmd --profile 0p1b --set runtime.engine=streamed --set runtime.vram_budget_gib=5.1 \
+    --set runtime.seqs_per_pass=64 --max-steps 40 --no-tui --out-dir /tmp/genrun >>"$log" 2>&1
+  # greedy, so the streamed (0.25 GiB budget: the 0.33 GB of bf16 weights do not fit) and the
+  # resident generation must print the same text
+  for mode in streamed resident; do
+    budget=(); [ $mode = streamed ] && budget=(--vram-budget-gib 0.25)
+    t0=$SECONDS
+    python3 -m ramgpt generate -c /tmp/genrun -p "日本の" -n 64 -t 0 "${budget[@]}" \
+      >"$out/gen-$mode.txt" 2>&1
+    echo "generate $mode rc=$? in $((SECONDS - t0)) s" >>"$log"
+  done
   ;;
 esac
 python3 bench/bench_engine.py summary --out "$res" >>"$log" 2>&1

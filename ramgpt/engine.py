@@ -36,6 +36,7 @@ import math
 import queue
 import threading
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -437,7 +438,7 @@ class StreamedEngine(Engine):
             done.record(self._d2h_stream)
         self._q.put((idx, stage, done, slot))
 
-    # -- gradient path, grad_accum="device" (experimental; see docs/design.md) ------------------
+    # -- gradient path, grad_accum="device" (the default on CUDA; see docs/design.md) -----------
     _ACC_PIECE = 16 * 2**20  # elements per GPU scratch piece (64 MiB of fp32)
 
     def _setup_device_accum(self) -> None:
@@ -450,13 +451,20 @@ class StreamedEngine(Engine):
         if self.cuda:
             rc = torch.cuda.cudart().cudaHostRegister(self._grad_flat.data_ptr(), self._grad_flat.numel() * 4, 0)
             self._registered = int(rc) == 0
+            if not self._registered:
+                # e.g. a locked-memory limit (WSL2, containers): unpinned copies would be synchronous,
+                # so the CPU worker is faster; the grads stay in the flat buffer either way
+                torch.cuda.cudart().cudaGetLastError()  # clear the sticky error of the failed call
+                warnings.warn(f"could not page-lock {self._grad_flat.numel() * 4 / 2**30:.1f} GiB for gradient "
+                              f"accumulation on the GPU ({rc}); summing gradients on the CPU instead "
+                              "(runtime.grad_accum=host)", RuntimeWarning, stacklevel=2)
+                self.grad_accum = "host"
         off = 0
         for p, n in zip(params, sizes):
             p.grad = self._grad_flat[off : off + p.numel()].view_as(p)
             off += n
         self._acc_stream = torch.cuda.Stream(torch.device(self.device)) if self.cuda else None
         self._acc_pending: list = []  # done-events of chunks whose accumulation is in flight
-        self._acc_h2d_bytes = 0
 
     def _on_grads_device(self, idx: int, named_grads: dict[str, torch.Tensor]) -> None:
         """Sum this pass's bf16 grads into the fp32 host accumulators on the GPU: H2D the
@@ -483,7 +491,6 @@ class StreamedEngine(Engine):
         ready = torch.cuda.Event()
         ready.record(torch.cuda.current_stream(dev))
         s = self._acc_stream
-        nbytes_in = nbytes_out = 0
         piece = self._ACC_PIECE
         with torch.no_grad(), torch.cuda.stream(s):
             s.wait_event(ready)
@@ -496,21 +503,20 @@ class StreamedEngine(Engine):
                 # is 0.3 GB in fp32); allocations on the side stream are reused stream-ordered
                 for a in range(0, gf.numel(), piece):
                     b = min(a + piece, gf.numel())
+                    nb = (b - a) * 4
                     if first:
                         buf = gf[a:b].float()
                     else:
                         buf = torch.empty(b - a, dtype=torch.float32, device=dev)
-                        buf.copy_(hf[a:b], non_blocking=True)
+                        with self.h2d.span(s, nb):
+                            buf.copy_(hf[a:b], non_blocking=True)
                         buf.add_(gf[a:b])
-                        nbytes_in += (b - a) * 4
-                    hf[a:b].copy_(buf, non_blocking=True)
-                    nbytes_out += (b - a) * 4
+                    with self.d2h.span(s, nb):
+                        hf[a:b].copy_(buf, non_blocking=True)
                 g.record_stream(s)
             done = torch.cuda.Event()
             done.record(s)
         self._acc_pending.append(done)
-        self.d2h.bytes += nbytes_out
-        self._acc_h2d_bytes += nbytes_in
 
     def _grad_worker(self) -> None:
         while True:
@@ -581,7 +587,7 @@ class StreamedEngine(Engine):
         out = super().counters()
         self.h2d.harvest()
         self.d2h.harvest()
-        out["h2d_bytes_total"] = self.h2d.bytes + getattr(self, "_acc_h2d_bytes", 0)
+        out["h2d_bytes_total"] = self.h2d.bytes
         out["d2h_bytes_total"] = self.d2h.bytes
         out["h2d_seconds_total"] = self.h2d.seconds
         out["d2h_seconds_total"] = self.d2h.seconds
@@ -704,7 +710,7 @@ def build_engine(profile, model: GPT, device: str, precision: str, *, engine: st
         spp = min(spp, profile.optim.seqs_per_step)
         return StreamedEngine(model, device=device, precision=precision, optim_cfg=profile.optim,
                               seqs_per_pass=spp, window=rt.stream_window, pin=rt.stream_pin,
-                              vram_budget_b=budget_b, grad_accum=rt.grad_accum)
+                              vram_budget_b=budget_b, grad_accum=rt.grad_accum_on(device))
     return ResidentEngine(model, device=device, precision=precision, optim_cfg=profile.optim,
                           micro_batch_size=seqs_per_pass or profile.optim.micro_batch_size,
                           gradient_checkpointing=rt.gradient_checkpointing and device != "cpu",

@@ -615,10 +615,10 @@ def streamed_gpu(profile: Profile, seqs_per_pass: int, *, a: Assumptions = DEFAU
         Term("block grads (bf16) + backward temporaries/workspaces (measured)", 5 * blk),
         head_grads,
     ]
-    if getattr(rt, "grad_accum", "host") == "device":
+    if rt.grad_accum_on("cuda") == "device":
         # runtime.grad_accum=device: the side stream's fp32 scratch (two 64 MiB pieces) and one
         # more chunk's bf16 grads kept alive until the side stream has read them (the largest
-        # chunk is the head/embedding). An assumption until measured on a GPU.
+        # chunk is the head/embedding).
         largest = max(c.params for c in chunks)
         phases["backward (last block)"].append(
             Term("fp32 accumulation scratch + a chunk's grads in flight (grad_accum=device)",
@@ -729,6 +729,11 @@ def pcie_per_step(
     passes = math.ceil(per_step / max(1, seqs_per_pass))
     h2d = _belady_loads(sizes, streamed, profile.runtime.stream_window, passes) + 2 * per_step * seq * 8
     d2h = passes * sum(sizes[i] for i in streamed)
+    if profile.runtime.grad_accum_on("cuda") == "device":
+        # each pass's sums come back as fp32, and every pass after the first brings them in first
+        fp32 = sum(c.params for c in chunks) * 4
+        d2h = passes * fp32
+        h2d += (passes - 1) * fp32
     return PcieEstimate(passes, h2d, d2h, a.link_gbps, a.link_source)
 
 
@@ -799,12 +804,14 @@ def _cpu_terms(profile: Profile, engine: str, device: str, seqs: int, a: Assumpt
         )
         slot = max(sum(-(-t * pb // 64) * 64 for t in c.tensors) for c in chunks)
         n_slots = max(2, min(a.grad_slots, len(chunks)))
-        out.append(
-            Term(
-                f"pinned gradient staging ({n_slots} slots x largest chunk)",
-                int(n_slots * pinned_bytes(slot, a) * (1 + a.pinned_overhead)),
+        # grad_accum=device page-locks the fp32 grads in place (counted above): no staging ring
+        if profile.runtime.grad_accum_on("cuda") == "host":
+            out.append(
+                Term(
+                    f"pinned gradient staging ({n_slots} slots x largest chunk)",
+                    int(n_slots * pinned_bytes(slot, a) * (1 + a.pinned_overhead)),
+                )
             )
-        )
     out += _data_terms(profile, seqs, a)
     return out
 

@@ -143,7 +143,7 @@ def test_pcie_by_hand():
 
 
 def test_pcie_streamed_1b():
-    p = load_profile("rtx3050-6gb", use_env=False)
+    p = load_profile("rtx3050-6gb", ["runtime.grad_accum=host"], use_env=False)
     pc = M.pcie_per_step(p, 16, "streamed")
     bf16 = sum(c.params for c in M.chunk_sizes(p.model)) * 2
     assert pc.passes_per_step == math.ceil(192 / 16) == 12
@@ -152,6 +152,18 @@ def test_pcie_streamed_1b():
     # H2D: about twice the weights per pass, less what stays resident across the turnarounds
     assert 12 * 2 * bf16 * 0.85 < pc.h2d_bytes < 12 * 2 * bf16
     assert pc.to_dict()["h2d_s"] == pytest.approx(pc.h2d_bytes / 12e9, rel=1e-3)
+
+
+def test_pcie_streamed_1b_device_accumulation():
+    """grad_accum=device (auto's choice on CUDA): the fp32 sums go out every pass and come back
+    in for every pass after the first."""
+    host = M.pcie_per_step(load_profile("rtx3050-6gb", ["runtime.grad_accum=host"], use_env=False), 16, "streamed")
+    p = load_profile("rtx3050-6gb", use_env=False)
+    assert p.runtime.grad_accum == "auto" and p.runtime.grad_accum_on("cuda") == "device"
+    pc = M.pcie_per_step(p, 16, "streamed")
+    fp32 = sum(c.params for c in M.chunk_sizes(p.model)) * 4
+    assert pc.d2h_bytes == 12 * fp32
+    assert pc.h2d_bytes == host.h2d_bytes + 11 * fp32
 
 
 def test_disk_by_hand():
@@ -273,6 +285,7 @@ def test_advice_when_it_does_not_fit():
 # ---------------------------------------------------------------------------------------------
 # calibration: the model against peak-allocated bytes measured on an H100 (torch 2.11, CUDA 13)
 
+HOST = {"grad_accum": "host"}  # these streamed peaks were measured with the CPU gradient worker
 H100 = [
     # (model, seq, batch, engine, options, measured peak allocated bytes)
     ("0p1b", 768, 8, "resident", {}, 4_666_435_584),
@@ -282,10 +295,10 @@ H100 = [
     ("1b", 1024, 2, "resident", {}, 21_828_895_744),
     ("1b", 1024, 8, "resident", {}, 23_268_213_760),
     ("1b", 1024, 2, "resident", {"gradient_checkpointing": False}, 25_475_224_576),
-    ("1b", 1024, 16, "streamed", {}, 3_893_776_384),  # bf16 chunks under autocast, as the engine runs
-    ("1b", 1024, 20, "streamed", {}, 4_547_447_296),
-    ("1b", 1024, 8, "streamed", {}, 2_810_925_056),
-    ("0p1b", 768, 16, "streamed", {}, 1_833_848_832),
+    ("1b", 1024, 16, "streamed", HOST, 3_893_776_384),  # bf16 chunks under autocast, as the engine runs
+    ("1b", 1024, 20, "streamed", HOST, 4_547_447_296),
+    ("1b", 1024, 8, "streamed", HOST, 2_810_925_056),
+    ("0p1b", 768, 16, "streamed", HOST, 1_833_848_832),
 ]
 SHAPES = {
     "0p1b": {"n_layer": 18, "n_head": 12, "n_embd": 768, "block_size": 1024, "vocab_size": 50304},
@@ -303,7 +316,7 @@ def test_matches_h100_measurements(shape, seq, batch, engine, opts, measured):
 def test_matches_the_h100_budget_runs():
     # under a 5.1 GiB cap, a 1b streamed pass with a live peak of 4.36 GB ran and one of 4.74 GB
     # ran out of memory: the headroom must keep the chosen size below the failing one
-    p = load_profile("rtx3050-6gb", use_env=False)
+    p = load_profile("rtx3050-6gb", ["runtime.grad_accum=host"], use_env=False)
     s = M.max_seqs_per_pass(p, int(5.1 * GiB))
     assert M.streamed_gpu(p, s).live_bytes < 4.5e9
     assert s < 22  # 22 sequences ran out of memory on the H100 under this cap
@@ -474,8 +487,10 @@ def test_cpu_rss_matches_a_real_run():
 def test_device_grad_accum_costs_vram():
     """grad_accum=device keeps fp32 accumulators in flight on the GPU: the estimate counts them,
     so the largest seqs_per_pass under the 5.1 GiB budget drops."""
-    host = load_profile("rtx3050-6gb", ["runtime.seqs_per_pass=16"], use_env=False)
+    host = load_profile("rtx3050-6gb", ["runtime.seqs_per_pass=16", "runtime.grad_accum=host"], use_env=False)
     dev = load_profile("rtx3050-6gb", ["runtime.seqs_per_pass=16", "runtime.grad_accum=device"], use_env=False)
+    auto = load_profile("rtx3050-6gb", ["runtime.seqs_per_pass=16"], use_env=False)
+    assert M.estimate(auto, detect=False).gpu.need_bytes == M.estimate(dev, detect=False).gpu.need_bytes
     e_host, e_dev = M.estimate(host, detect=False), M.estimate(dev, detect=False)
     assert e_dev.gpu.need_bytes > e_host.gpu.need_bytes
     assert "grad_accum=device" in json.dumps(e_dev.to_dict())
