@@ -9,8 +9,8 @@ Sections (run them on one warm machine, so the ratios compare like with like):
   streamed   ramgpt streamed engine through ramgpt.train.train(), rtx3050-6gb (5.1 GiB budget);
              env SPP (seqs per pass, default 16), ACC (host|device gradient accumulation; default
              the profile's auto), STEPS
-  p1b        ramgpt streamed engine, 0p1b under the same 5.1 GiB budget
-  p1b_resident  resident PyTorch, 0p1b, no cap (the p1b section's baseline)
+  p1b        ramgpt streamed engine, 0p1b under the same 5.1 GiB budget; env STEPS
+  p1b_resident  resident PyTorch, 0p1b, no cap (the p1b section's baseline); env MB, STEPS
   agree      small model: resident vs streamed bf16 loss curves on the GPU (same init, same data);
              env ACC picks the streamed run's gradient accumulation
   accagree   small model: streamed grad_accum=host vs grad_accum=device loss curves
@@ -162,7 +162,8 @@ def section_streamed(out: Path) -> dict:
 
 
 def section_p1b(out: Path) -> dict:
-    return _train_section("0p1b", ["runtime.engine=streamed", "runtime.vram_budget_gib=5.1", "runtime.seqs_per_pass=64"], 4, "p1b")
+    return _train_section("0p1b", ["runtime.engine=streamed", "runtime.vram_budget_gib=5.1", "runtime.seqs_per_pass=64"],
+                          int(os.environ.get("STEPS", "4")), "p1b")
 
 
 def section_ramtorch(out: Path) -> dict:
@@ -233,7 +234,9 @@ def section_accagree(out: Path) -> dict:
 
 def section_p1b_resident(out: Path) -> dict:
     """Resident baseline for the 0p1b profile (no cap), to give the p1b section its ratio."""
-    return _train_section("0p1b", ["runtime.engine=resident", "runtime.precision=bf16"], 4, "p1b-res")
+    mb = int(os.environ.get("MB", "8"))  # 0p1b's micro-batch; a larger one uses the uncapped GPU better
+    return _train_section("0p1b", ["runtime.engine=resident", "runtime.precision=bf16", f"optim.micro_batch_size={mb}",
+                                   f"optim.grad_accum_steps={128 // mb}"], int(os.environ.get("STEPS", "4")), "p1b-res")
 
 
 def section_summary(out: Path) -> dict:

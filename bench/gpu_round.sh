@@ -5,8 +5,9 @@
 #                                            # gradient accumulation), their agreement, panel capture
 #   bash bench/gpu_round.sh streamed OUTDIR  # only the streamed 1b sections
 #   bash bench/gpu_round.sh loss    OUTDIR   # a few hundred steps of the 1b model under the budget
-#   bash bench/gpu_round.sh final   OUTDIR   # the shipped defaults, 0p1b vs its resident baseline,
-#                                            # and generate with weights streamed vs resident
+#   bash bench/gpu_round.sh final   OUTDIR   # the 1b streamed run with the shipped defaults
+#   bash bench/gpu_round.sh p1b     OUTDIR   # 0p1b streamed vs its resident baseline
+#   bash bench/gpu_round.sh gen     OUTDIR   # generate with the weights streamed vs resident
 #
 # Every section runs in its own process under a time limit, so one failure (an OOM) leaves the
 # others standing. Results: OUTDIR/log-<round>.txt, OUTDIR/res-<round>.tgz (JSON per section) and
@@ -72,19 +73,21 @@ loss)
   echo "loss rc=$?" >>"$log"
   cp /tmp/lossrun/metrics.jsonl "$out/loss-metrics.jsonl" 2>/dev/null
   ;;
-final)  # the shipped defaults (grad_accum auto), 0p1b, and generation with streamed weights
+final)  # the shipped defaults (grad_accum auto)
   SPP=16 section 150 streamed --tag=_auto16
-  section 90 p1b_resident
-  section 90 p1b
+  ;;
+p1b)  # 0p1b streamed vs resident (no cap, micro-batch 32: the small model needs big batches)
+  MB=32 STEPS=8 section 90 p1b_resident --tag=_mb32
+  STEPS=8 section 90 p1b --tag=_8steps
+  ;;
+gen)  # generate with the weights streamed (0.45 GiB budget: the 0.58 GiB the model needs resident
+  # does not fit) vs resident, greedy, so both must print the same text
   train_cmd --profile 0p1b --set runtime.engine=streamed --set runtime.vram_budget_gib=5.1 \
     --set runtime.seqs_per_pass=64 --max-steps 40 --no-tui --out-dir /tmp/genrun >>"$log" 2>&1
-  # greedy, so the streamed (0.25 GiB budget: the 0.33 GB of bf16 weights do not fit) and the
-  # resident generation must print the same text
   for mode in streamed resident; do
-    budget=(); [ $mode = streamed ] && budget=(--vram-budget-gib 0.25)
+    budget=(); [ $mode = streamed ] && budget=(--vram-budget-gib "${GEN_BUDGET_GIB:-0.45}")
     t0=$SECONDS
-    python3 -m ramgpt generate -c /tmp/genrun -p "日本の" -n 64 -t 0 "${budget[@]}" \
-      >"$out/gen-$mode.txt" 2>&1
+    python3 -m ramgpt generate -c /tmp/genrun -p "日本の" -n 64 -t 0 "${budget[@]}" >"$out/gen-$mode.txt" 2>&1
     echo "generate $mode rc=$? in $((SECONDS - t0)) s" >>"$log"
   done
   ;;

@@ -40,6 +40,19 @@ class OutOfMemoryError(RamgptError):
     exit_code = 5
 
 
+def is_out_of_memory(e: BaseException | None) -> bool:
+    """True when ``e`` or anything in its cause chain is an out-of-memory error: ramtorch's
+    loader thread, for one, re-raises a CUDA OOM as ``RuntimeError("offload worker thread
+    failed")`` from it."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if type(e).__name__ == "OutOfMemoryError" or "out of memory" in str(e).lower():
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 class NonFiniteLossError(RamgptError):
     """The loss stayed NaN/inf for several steps in a row; training stopped."""
 

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ramgpt.errors import ConfigError, OutOfMemoryError, RamgptError
+from ramgpt.errors import ConfigError, OutOfMemoryError, RamgptError, is_out_of_memory
 
 # ----------------------------------------------------------------------------------------------
 # options and errors
@@ -186,10 +186,14 @@ def _forward(model: LogitsModel, ids: list[int], caches: list | None, pos: int, 
         backends = sdpa_kernel(_SDPA_BACKENDS) if idx.is_cuda else contextlib.nullcontext()
         with torch.no_grad(), backends:
             logits, new_caches = model.forward_logits(idx, caches, pos)
-    except torch.cuda.OutOfMemoryError as e:
+    except Exception as e:
+        if not is_out_of_memory(e):
+            raise
+        # a streamed model (weights through a GPU window) gets more room from a larger budget
+        advice = "raise --vram-budget-gib, or use " if hasattr(model, "om") else "use "
         raise OutOfMemoryError(
             f"GPU memory ran out during generation with {pos + len(ids)} tokens of context; "
-            "use --device cpu, a shorter prompt or fewer --max-new-tokens"
+            f"{advice}--device cpu, a shorter prompt or fewer --max-new-tokens"
         ) from e
     return logits[0].float().cpu(), new_caches
 

@@ -23,7 +23,14 @@ import torch
 import yaml
 
 from ramgpt.config import Profile, resolve_device, resolve_precision
-from ramgpt.errors import CheckpointError, ConfigError, NonFiniteLossError, OutOfMemoryError, RamgptError
+from ramgpt.errors import (
+    CheckpointError,
+    ConfigError,
+    NonFiniteLossError,
+    OutOfMemoryError,
+    RamgptError,
+    is_out_of_memory,
+)
 from ramgpt.schedule import lr_at
 
 MAX_NONFINITE_STEPS = 3
@@ -92,14 +99,6 @@ def peak_flops(device: str) -> float | None:
 def _split(x: torch.Tensor, y: torch.Tensor, n: int):
     for i in range(0, x.shape[0], n):
         yield x[i : i + n], y[i : i + n]
-
-
-def _is_oom(e: BaseException) -> bool:
-    while e is not None:
-        if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower():
-            return True
-        e = e.__cause__ or e.__context__  # type: ignore[assignment]
-    return False
 
 
 def _oom_message(profile: Profile, engine, state: TrainState) -> str:
@@ -189,7 +188,7 @@ def train(profile: Profile, resume: str | None = None, sinks: list | None = None
     except RamgptError:
         raise
     except Exception as e:
-        if _is_oom(e):
+        if is_out_of_memory(e):
             raise OutOfMemoryError(_oom_message(profile, None, TrainState())) from e
         raise
     data = TokenBatches(profile.data, tokenizer, "train", profile.optim.micro_batch_size, profile.data.seed)
@@ -409,7 +408,7 @@ def train(profile: Profile, resume: str | None = None, sinks: list | None = None
     except RamgptError:
         raise
     except Exception as e:
-        if _is_oom(e):
+        if is_out_of_memory(e):
             raise OutOfMemoryError(_oom_message(profile, engine, state)) from e
         raise
     finally:

@@ -600,3 +600,45 @@ def test_cli_with_the_real_embedded_tokenizer(tmp_path):
     inter = _cli([*base, "-i", "--temperature", "0"], input="日本語の\nこんにちは\n")
     assert inter.exit_code == 0, inter.output
     assert inter.stdout.count("\n") >= 2
+
+
+class _OomModel:
+    """Stands in for the streamed model: ramtorch's loader thread fails with a CUDA OOM and the
+    forward re-raises it as a RuntimeError caused by it."""
+
+    def __init__(self, cfg, streamed: bool):
+        self.cfg = cfg
+        if streamed:
+            self.om = object()
+
+    def forward_logits(self, idx, kv_caches=None, pos_offset=0):
+        try:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 74.00 MiB.")
+        except torch.OutOfMemoryError as e:
+            raise RuntimeError("offload worker thread failed") from e
+
+
+@pytest.mark.parametrize("streamed", [True, False])
+def test_oom_inside_the_streaming_worker_is_one_line_advice(streamed):
+    from ramgpt.errors import OutOfMemoryError
+    from ramgpt.generate import _forward
+
+    cfg = ModelConfig(n_layer=1, n_head=1, n_embd=8, block_size=16, vocab_size=32)
+    with pytest.raises(OutOfMemoryError) as ei:
+        _forward(_OomModel(cfg, streamed), [1, 2, 3], None, 0, "cpu")
+    msg = str(ei.value)
+    assert "\n" not in msg and "3 tokens of context" in msg
+    assert ("--vram-budget-gib" in msg) is streamed
+
+
+def test_other_errors_are_not_reported_as_oom():
+    from ramgpt.generate import _forward
+
+    class Broken:
+        cfg = ModelConfig(n_layer=1, n_head=1, n_embd=8, block_size=16, vocab_size=32)
+
+        def forward_logits(self, idx, kv_caches=None, pos_offset=0):
+            raise RuntimeError("offload worker thread failed")
+
+    with pytest.raises(RuntimeError, match="offload worker thread failed"):
+        _forward(Broken(), [1], None, 0, "cpu")
