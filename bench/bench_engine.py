@@ -9,7 +9,7 @@ Sections (run them on one warm machine, so the ratios compare like with like):
   streamed   ramgpt streamed engine through ramgpt.train.train(), rtx3050-6gb (5.1 GiB budget);
              env SPP (seqs per pass, default 16), ACC (host|device gradient accumulation; default
              the profile's auto), STEPS
-  p1b        ramgpt streamed engine, 0p1b under the same 5.1 GiB budget; env STEPS
+  p1b        ramgpt streamed engine, 0p1b under the same 5.1 GiB budget; env STEPS, ACC
   p1b_resident  resident PyTorch, 0p1b, no cap (the p1b section's baseline); env MB, STEPS
   agree      small model: resident vs streamed bf16 loss curves on the GPU (same init, same data);
              env ACC picks the streamed run's gradient accumulation
@@ -162,7 +162,9 @@ def section_streamed(out: Path) -> dict:
 
 
 def section_p1b(out: Path) -> dict:
-    return _train_section("0p1b", ["runtime.engine=streamed", "runtime.vram_budget_gib=5.1", "runtime.seqs_per_pass=64"],
+    acc = os.environ.get("ACC")
+    return _train_section("0p1b", ["runtime.engine=streamed", "runtime.vram_budget_gib=5.1", "runtime.seqs_per_pass=64",
+                                   *([f"runtime.grad_accum={acc}"] if acc else [])],
                           int(os.environ.get("STEPS", "4")), "p1b")
 
 

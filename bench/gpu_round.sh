@@ -7,6 +7,7 @@
 #   bash bench/gpu_round.sh loss    OUTDIR   # a few hundred steps of the 1b model under the budget
 #   bash bench/gpu_round.sh final   OUTDIR   # the 1b streamed run with the shipped defaults
 #   bash bench/gpu_round.sh p1b     OUTDIR   # 0p1b streamed vs its resident baseline
+#   bash bench/gpu_round.sh p1bacc  OUTDIR   # 0p1b: host vs device gradient accumulation
 #   bash bench/gpu_round.sh gen     OUTDIR   # generate with the weights streamed vs resident
 #
 # Every section runs in its own process under a time limit, so one failure (an OOM) leaves the
@@ -79,6 +80,11 @@ final)  # the shipped defaults (grad_accum auto)
 p1b)  # 0p1b streamed vs resident (no cap, micro-batch 32: the small model needs big batches)
   MB=32 STEPS=8 section 90 p1b_resident --tag=_mb32
   STEPS=8 section 90 p1b --tag=_8steps
+  ;;
+p1bacc)  # 0p1b: host vs device gradient accumulation, same machine, alternating
+  for acc in host device host device; do
+    ACC=$acc STEPS=8 section 90 p1b --tag=_$acc$((++n))
+  done
   ;;
 gen)  # generate with the weights streamed (0.45 GiB budget: the 0.58 GiB the model needs resident
   # does not fit) vs resident, greedy, so both must print the same text
