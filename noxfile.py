@@ -22,6 +22,7 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(venv_backend="none")
 def gpu(session: nox.Session) -> None:
-    """Benchmark sections on a CUDA machine with ramgpt already importable (see docs/benchmarks.md)."""
-    for section in ("link", "streamed", "resident", "agree", "p1b"):
-        session.run("python", "bench/bench_engine.py", section, "--out", "bench-out")
+    """The GPU benchmark rounds of docs/benchmarks.md, on a CUDA machine where ramgpt (and pyte,
+    for the panel capture) already import: ``nox -s gpu -- engine loss p1b gen``."""
+    for round_name in session.posargs or ["engine", "loss", "p1b", "gen"]:
+        session.run("bash", "bench/gpu_round.sh", round_name, "bench-out", external=True)
