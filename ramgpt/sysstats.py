@@ -46,6 +46,7 @@ class SystemStats:
         # None: not tried yet; False: unavailable (import failed, no driver, no matching card).
         self._nvml_ok: bool | None = None if (use_nvml and self.is_cuda) else False
         self.nvml_error: str | None = None
+        self._util_ts = 0  # driver timestamp (µs) of the newest utilisation sample already averaged
 
     # -- probes ------------------------------------------------------------------------------
 
@@ -154,12 +155,32 @@ class SystemStats:
             if not self._nvml_ok:
                 return None
         try:
+            avg = self._util_since_last()
+            if avg is not None:
+                return avg
             return float(self._nvml.nvmlDeviceGetUtilizationRates(self._nvml_handle).gpu)
         except Exception as e:
             # A driver hiccup: stop asking, utilisation just disappears from the panel.
             self.nvml_error = f"{type(e).__name__}: {e}"
             self._nvml_ok = False
             return None
+
+    def _util_since_last(self) -> float | None:
+        """Mean of the driver's utilisation samples taken since the previous call, so a sample
+        read at the end of a training step (after the CPU optimizer, the GPU idle) still says how
+        busy the GPU was during the step. None where the driver keeps no samples; the caller
+        then reads the instantaneous rate."""
+        nv = self._nvml
+        try:
+            vtype, samples = nv.nvmlDeviceGetSamples(self._nvml_handle, nv.NVML_GPU_UTILIZATION_SAMPLES, self._util_ts)
+        except Exception:  # NVMLError_NotFound (no new samples), NotSupported, an old pynvml
+            return None
+        fresh = [x for x in samples if x.timeStamp > self._util_ts]
+        if not fresh:
+            return None
+        self._util_ts = max(x.timeStamp for x in fresh)
+        field = {0: "dVal", 1: "uiVal", 2: "ulVal", 3: "ullVal", 4: "sllVal"}.get(vtype, "uiVal")
+        return sum(float(getattr(x.sampleValue, field)) for x in fresh) / len(fresh)
 
     @property
     def nvml_available(self) -> bool:

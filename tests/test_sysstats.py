@@ -98,6 +98,39 @@ def test_cuda_sample_with_nvml(fake_cuda: None, monkeypatch: pytest.MonkeyPatch)
     stats.close()
 
 
+class _SamplingNvml(_FakeNvml):
+    """A driver that keeps utilisation samples: (timestamp µs, percent)."""
+
+    NVML_GPU_UTILIZATION_SAMPLES = 1
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.buffer: list[tuple[int, int]] = []
+        self.asked: list[int] = []
+
+    def nvmlDeviceGetSamples(self, handle, kind, since):
+        assert handle == "handle" and kind == 1
+        self.asked.append(since)
+        new = [(t, v) for t, v in self.buffer if t > since]
+        if not new:
+            raise RuntimeError("NVML_ERROR_NOT_FOUND")
+        return 1, [SimpleNamespace(timeStamp=t, sampleValue=SimpleNamespace(uiVal=v)) for t, v in new]
+
+
+def test_gpu_util_is_the_mean_since_the_last_sample(fake_cuda: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    nvml = _SamplingNvml()
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    stats = SystemStats("cuda:0")
+    nvml.buffer = [(100, 90), (200, 80), (300, 0)]  # busy during the step, idle at its end
+    assert stats.sample()["gpu_util_pct"] == pytest.approx(170 / 3)
+    nvml.buffer += [(400, 40), (500, 60)]
+    assert stats.sample()["gpu_util_pct"] == pytest.approx(50.0)  # only the two new samples
+    assert nvml.asked == [0, 300]
+    # no new samples since: the instantaneous rate
+    assert stats.sample()["gpu_util_pct"] == 55.0
+    stats.close()
+
+
 def test_cuda_sample_when_nvml_fails(fake_cuda: None, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "pynvml", _FakeNvml(fail_init=True))
     stats = SystemStats("cuda")
