@@ -128,6 +128,18 @@ def _release_freed_heap() -> None:
         pass
 
 
+def _consume_cuda_error(device: str) -> None:
+    """A failed CUDA runtime call (cudaHostRegister) stays the runtime's "last error", which the
+    launch check of the next kernel would raise as its own. torch exposes no cudaGetLastError, so
+    launch a tiny kernel and let its check consume the stale error."""
+    for _ in range(2):
+        try:
+            torch.ones(1, device=device).add_(1)
+            return
+        except RuntimeError:
+            continue
+
+
 def _aligned(nbytes: int, align: int = 64) -> int:
     return -(-nbytes // align) * align
 
@@ -454,7 +466,7 @@ class StreamedEngine(Engine):
             if not self._registered:
                 # e.g. a locked-memory limit (WSL2, containers): unpinned copies would be synchronous,
                 # so the CPU worker is faster; the grads stay in the flat buffer either way
-                torch.cuda.cudart().cudaGetLastError()  # clear the sticky error of the failed call
+                _consume_cuda_error(self.device)
                 warnings.warn(f"could not page-lock {self._grad_flat.numel() * 4 / 2**30:.1f} GiB for gradient "
                               f"accumulation on the GPU ({rc}); summing gradients on the CPU instead "
                               "(runtime.grad_accum=host)", RuntimeWarning, stacklevel=2)

@@ -12,29 +12,33 @@ from ramgpt.config import ModelConfig, OptimConfig
 from ramgpt.engine import ResidentEngine, StreamedEngine
 from ramgpt.model import GPT
 
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))
 
-def _pair(seed: int, cfg: ModelConfig, optim: OptimConfig, spp: int, grad_accum: str = "host"):
+
+def _pair(seed: int, cfg: ModelConfig, optim: OptimConfig, spp: int, grad_accum: str = "host", device: str = "cpu"):
     torch.manual_seed(seed)
     base = GPT(cfg)
-    res = ResidentEngine(copy.deepcopy(base), device="cpu", precision="fp32", optim_cfg=optim,
+    res = ResidentEngine(copy.deepcopy(base), device=device, precision="fp32", optim_cfg=optim,
                          micro_batch_size=spp, gradient_checkpointing=False)
-    stm = StreamedEngine(copy.deepcopy(base), device="cpu", precision="fp32", optim_cfg=optim,
+    stm = StreamedEngine(copy.deepcopy(base), device=device, precision="fp32", optim_cfg=optim,
                          seqs_per_pass=spp, window=2, grad_accum=grad_accum)
     return res, stm
 
 
 def _grads(engine) -> dict[str, torch.Tensor]:
-    return {n: p.grad.detach().clone() for n, p in engine.model.named_parameters() if p.grad is not None}
+    return {n: p.grad.detach().cpu().clone() for n, p in engine.model.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("grad_accum", ["host", "device"])
 @pytest.mark.parametrize("tie", [True, False])
-def test_streamed_matches_resident_over_steps(tie: bool, grad_accum: str) -> None:
+def test_streamed_matches_resident_over_steps(tie: bool, grad_accum: str, device: str) -> None:
+    """On a GPU (fp32, TF32 off) this also checks the CUDA streams of both gradient paths."""
     cfg = ModelConfig(n_layer=3, n_head=2, n_embd=32, block_size=16, vocab_size=64, tie_embeddings=tie)
     # eps 1e-6: the key part of c_attn's bias has an exactly-zero true gradient (softmax is
     # shift-invariant), and Adam with a tiny eps would amplify its rounding noise into updates
     optim = OptimConfig(lr=3e-3, eps=1e-6, grad_clip=1.0, micro_batch_size=2, grad_accum_steps=3)
-    res, stm = _pair(int(torch.randint(0, 10_000, ()).item()), cfg, optim, spp=2, grad_accum=grad_accum)
+    res, stm = _pair(int(torch.randint(0, 10_000, ()).item()), cfg, optim, spp=2, grad_accum=grad_accum, device=device)
     gen = torch.Generator().manual_seed(int(torch.randint(0, 10_000, ()).item()))
     try:
         start = {n: p.detach().clone() for n, p in stm.model.named_parameters()}
@@ -55,7 +59,7 @@ def test_streamed_matches_resident_over_steps(tie: bool, grad_accum: str) -> Non
             r2 = stm.optimizer_step(1e-3, n_tokens=6 * 16)
             assert r1.grad_norm == pytest.approx(r2.grad_norm, rel=1e-4)
         for (n, p_res), (_, p_stm) in zip(res.model.named_parameters(), stm.model.named_parameters()):
-            torch.testing.assert_close(p_stm, p_res, rtol=1e-4, atol=1e-6, msg=n)
+            torch.testing.assert_close(p_stm, p_res.cpu(), rtol=1e-4, atol=1e-6, msg=n)
             # every parameter learned, the tied embedding included
             assert not torch.equal(p_stm, start[n]), f"{n} did not change"
         if tie:
@@ -67,6 +71,40 @@ def test_streamed_matches_resident_over_steps(tie: bool, grad_accum: str) -> Non
         # eval through the streamed forward equals the resident forward
         x = torch.randint(0, cfg.vocab_size, (3, 16), generator=gen)
         assert stm.eval_loss_sum(x, x) == pytest.approx(res.eval_loss_sum(x, x), rel=1e-5)
+    finally:
+        stm.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_device_accumulation_falls_back_to_host_when_page_locking_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    """cudaHostRegister can fail (a locked-memory limit, WSL2): the engine warns, sums on the
+    host instead, and the failed call's error does not surface in a later kernel launch."""
+    real = torch.cuda.cudart()
+
+    class FailingRegister:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def cudaHostRegister(self, ptr, size, flags):  # noqa: N802 - the CUDA name
+            return real.cudaHostRegister(0, 0, 0)  # a genuine failure, left as the runtime's last error
+
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: FailingRegister())
+    cfg = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64)
+    optim = OptimConfig(lr=3e-3, eps=1e-6, grad_clip=1.0, micro_batch_size=2, grad_accum_steps=2)
+    with pytest.warns(RuntimeWarning, match="page-lock"):
+        res, stm = _pair(int(torch.randint(0, 10_000, ()).item()), cfg, optim, spp=2, grad_accum="device",
+                         device="cuda")
+    try:
+        assert stm.grad_accum == "host"
+        x = torch.randint(0, cfg.vocab_size, (4, 16))
+        l_res = sum(float(res.forward_backward(x[i : i + 2], x[i : i + 2])) for i in (0, 2))
+        l_stm = sum(float(stm.forward_backward(x[i : i + 2], x[i : i + 2])) for i in (0, 2))
+        assert l_stm == pytest.approx(l_res, rel=1e-5)
+        stm._before_optimizer()
+        g_res, g_stm = _grads(res), _grads(stm)
+        for n in g_res:
+            scale = float(g_res[n].abs().max()) + 1.0
+            torch.testing.assert_close(g_stm[n], g_res[n], rtol=1e-4, atol=1e-6 * scale, msg=n)
     finally:
         stm.close()
 
