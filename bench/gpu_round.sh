@@ -5,6 +5,7 @@
 #                                            # gradient accumulation), their agreement, panel capture
 #   bash bench/gpu_round.sh streamed OUTDIR  # only the streamed 1b sections
 #   bash bench/gpu_round.sh loss    OUTDIR   # a few hundred steps of the 1b model under the budget
+#   bash bench/gpu_round.sh textloss OUTDIR  # the same on real Japanese text (CORPUS=file.txt)
 #   bash bench/gpu_round.sh final   OUTDIR   # the 1b streamed run with the shipped defaults
 #   bash bench/gpu_round.sh p1b     OUTDIR   # 0p1b streamed vs its resident baseline
 #   bash bench/gpu_round.sh p1bacc  OUTDIR   # 0p1b: host vs device gradient accumulation
@@ -73,6 +74,16 @@ loss)
     --set checkpoint.save_interval_steps=100000 --no-tui --out-dir /tmp/lossrun" >>"$log" 2>&1
   echo "loss rc=$?" >>"$log"
   cp /tmp/lossrun/metrics.jsonl "$out/loss-metrics.jsonl" 2>/dev/null
+  ;;
+textloss)  # the loss run on a few MB of real Japanese text (bench/make_manpages_corpus.py), not
+  # the 130 KB embedded corpus: every token is new, so the held-out loss can fall with the train loss
+  timeout "${LOSS_LIMIT_S:-330}" python3 -m ramgpt train --profile rtx3050-6gb --set data.source=text \
+    --set data.path="${CORPUS:-corpus-ja/manpages_ja.txt}" --set data.tokenizer=embedded \
+    --set optim.grad_accum_steps=16 --set runtime.seqs_per_pass=16 --set scheduler.warmup_steps=10 \
+    --max-steps "${STEPS:-200}" --set logging.log_interval=5 --set logging.eval_interval=25 \
+    --set checkpoint.save_final=false --set checkpoint.save_interval_steps=100000 --no-tui \
+    --out-dir "$out/textloss" >>"$log" 2>&1
+  echo "textloss rc=$?" >>"$log"
   ;;
 final)  # the shipped defaults (grad_accum auto)
   SPP=16 section 150 streamed --tag=_auto16
