@@ -912,11 +912,18 @@ def _advice(
                 out.append(f"set runtime.engine=streamed (fits with up to {s} sequences per pass)")
         else:
             s = max_seqs_per_pass(profile, vram, a=a)
+            on_gpu_sum = rt.grad_accum_on("cuda") == "device"
             if s >= 1 and rt.seqs_per_pass:
-                out.append(f"lower runtime.seqs_per_pass to {s} (or unset it to let the engine choose)")
+                tip = f"lower runtime.seqs_per_pass to {s} (or unset it to let the engine choose)"
+                if on_gpu_sum and max_seqs_per_pass(_with(profile, "runtime", grad_accum="host"), vram, a=a) >= rt.seqs_per_pass:
+                    tip += (f", or keep {rt.seqs_per_pass} with runtime.grad_accum=host (gradients summed on the CPU: "
+                            "less VRAM, slower on fast cards)")
+                out.append(tip)
             elif s < 1:
                 # cheaper settings, cumulatively, until one sequence per pass fits
                 steps: list[tuple[str, str, dict[str, Any]]] = []
+                if on_gpu_sum:
+                    steps.append(("runtime.grad_accum=host", "runtime", {"grad_accum": "host"}))
                 if rt.stream_pin:
                     steps.append(("runtime.stream_pin=0", "runtime", {"stream_pin": 0}))
                 if rt.stream_window > 2:

@@ -117,6 +117,8 @@ def _oom_message(profile: Profile, engine, state: TrainState) -> str:
         predicted = f"; run `ramgpt estimate-memory --profile {profile.name}`"
     if engine is not None and engine.name == "streamed":
         lower = f"runtime.seqs_per_pass (now {engine.seqs_per_pass}) or data.seq_len"
+        if getattr(engine, "grad_accum", "host") == "device":
+            lower += ", or set runtime.grad_accum=host (gradients summed on the CPU: less VRAM)"
     else:
         lower = f"optim.micro_batch_size (now {profile.optim.micro_batch_size}), data.seq_len, or use runtime.engine=streamed"
     cap = f" under a {budget} GiB budget" if budget else ""

@@ -496,3 +496,21 @@ def test_device_grad_accum_costs_vram():
     assert "grad_accum=device" in json.dumps(e_dev.to_dict())
     budget = int(5.1 * GiB)
     assert M.max_seqs_per_pass(dev, budget) < M.max_seqs_per_pass(host, budget)
+
+
+def test_advice_offers_host_accumulation_when_device_accumulation_does_not_fit():
+    """On CUDA, auto sums gradients on the GPU (more VRAM); where that is what breaks the budget,
+    the advice names runtime.grad_accum=host as the way to keep the configured pass size."""
+    p = load_profile("rtx3050-6gb", use_env=False)
+    host = load_profile("rtx3050-6gb", ["runtime.grad_accum=host"], use_env=False)
+    dev_need = M.streamed_gpu(p, 16).need_bytes
+    host_need = M.streamed_gpu(host, 16).need_bytes
+    assert host_need < dev_need
+    budget = f"runtime.vram_budget_gib={(host_need + dev_need) / 2 / GiB:.3f}"  # host fits 16 per pass, device not
+    est = M.estimate(load_profile("rtx3050-6gb", [budget], use_env=False), ram_gib=64, detect=False)
+    assert est.fits_vram is False
+    assert any("runtime.grad_accum=host" in a and "keep 16" in a for a in est.advice), est.advice
+    # with host accumulation already chosen there is nothing to offer
+    est_host = M.estimate(load_profile("rtx3050-6gb", [budget, "runtime.grad_accum=host"], use_env=False), ram_gib=64,
+                          detect=False)
+    assert est_host.fits_vram is True and not any("grad_accum" in a for a in est_host.advice)

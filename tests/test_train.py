@@ -282,3 +282,23 @@ def test_steps_between_log_rows_still_report_progress(tmp_path: Path) -> None:
     train(_profile(tmp_path / "r", "logging.log_interval=5", "logging.eval_interval=100"), sinks=[sink])
     assert sink.logged == [5, 10, 12]
     assert sink.progressed == [1, 2, 3, 4, 6, 7, 8, 9, 11]
+
+
+def test_oom_in_the_streaming_worker_names_pass_size_and_host_accumulation(tmp_path: Path, monkeypatch) -> None:
+    """ramtorch's loader thread re-raises a CUDA OOM as RuntimeError("offload worker thread
+    failed") from it; train still ends with one line, naming the streamed engine's knobs."""
+    import ramgpt.engine as eng
+    from ramgpt.errors import OutOfMemoryError
+
+    def worker_oom(self, x, y):
+        try:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 74.00 MiB")
+        except torch.OutOfMemoryError as e:
+            raise RuntimeError("offload worker thread failed") from e
+
+    monkeypatch.setattr(eng.StreamedEngine, "forward_backward", worker_oom)
+    with pytest.raises(OutOfMemoryError) as exc:
+        train(_profile(tmp_path / "run", "runtime.engine=streamed", "runtime.grad_accum=device"))
+    msg = str(exc.value)
+    assert "\n" not in msg and "step 1" in msg
+    assert "runtime.seqs_per_pass" in msg and "runtime.grad_accum=host" in msg
