@@ -237,6 +237,8 @@ def section_accagree(out: Path) -> dict:
 def section_p1b_resident(out: Path) -> dict:
     """Resident baseline for the 0p1b profile (no cap), to give the p1b section its ratio."""
     mb = int(os.environ.get("MB", "8"))  # 0p1b's micro-batch; a larger one uses the uncapped GPU better
+    if not 1 <= mb <= 128 or 128 % mb:
+        raise SystemExit(f"MB must divide the profile's 128 sequences per step, got {mb}")
     return _train_section("0p1b", ["runtime.engine=resident", "runtime.precision=bf16", f"optim.micro_batch_size={mb}",
                                    f"optim.grad_accum_steps={128 // mb}"], int(os.environ.get("STEPS", "4")), "p1b-res")
 

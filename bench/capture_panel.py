@@ -83,8 +83,11 @@ def main() -> int:
         if a.ctrl_c_after is not None and sent_ctrl_c is None and now >= a.ctrl_c_after and proc.poll() is None:
             os.write(master, b"\x03")
             sent_ctrl_c = now
-        if now > a.timeout:
-            os.killpg(proc.pid, signal.SIGKILL)
+        if now > a.timeout and proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:  # it exited between the poll and the kill
+                pass
         if proc.poll() is not None and not r:
             break
     rc = proc.wait()

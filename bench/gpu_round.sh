@@ -18,6 +18,7 @@ set -u
 round=$1
 out=$2
 res=/tmp/ramgpt-res-$round
+rm -rf "$res"  # no results of an earlier run of this round in the summary or the tarball
 mkdir -p "$out" "$res"
 log=$out/log-$round.txt
 {
@@ -93,6 +94,7 @@ p1b)  # 0p1b streamed vs resident (no cap, micro-batch 32: the small model needs
   STEPS=8 section 90 p1b --tag=_8steps
   ;;
 p1bacc)  # 0p1b: host vs device gradient accumulation, same machine, alternating
+  n=0
   for acc in host device host device; do
     ACC=$acc STEPS=8 section 90 p1b --tag=_$acc$((++n))
   done

@@ -730,10 +730,12 @@ def pcie_per_step(
     h2d = _belady_loads(sizes, streamed, profile.runtime.stream_window, passes) + 2 * per_step * seq * 8
     d2h = passes * sum(sizes[i] for i in streamed)
     if profile.runtime.grad_accum_on("cuda") == "device":
-        # each pass's sums come back as fp32, and every pass after the first brings them in first
+        # each pass's sums come back as fp32, and every pass after the first brings them in first;
+        # in the first pass a tied embedding's second contribution (the embed chunk, after the
+        # head's) is brought in and added too
         fp32 = sum(c.params for c in chunks) * 4
         d2h = passes * fp32
-        h2d += (passes - 1) * fp32
+        h2d += (passes - 1) * fp32 + (cfg.vocab_size * cfg.n_embd * 4 if cfg.tie_embeddings else 0)
     return PcieEstimate(passes, h2d, d2h, a.link_gbps, a.link_source)
 
 

@@ -464,8 +464,11 @@ def _transfer_metrics(prev: dict[str, float], cur: dict[str, float], steps: int,
         b = cur[f"{d}_bytes_total"] - prev.get(f"{d}_bytes_total", 0)
         s = cur[f"{d}_seconds_total"] - prev.get(f"{d}_seconds_total", 0.0)
         out[f"{d}_bytes"] = b / max(steps, 1)
+        # the rate counts only the copies that were timed (the engine may move some untimed)
+        timed = f"{d}_timed_bytes_total"
+        tb = cur[timed] - prev.get(timed, 0) if timed in cur else b
         if s > 0:
-            out[f"{d}_gbps"] = b / s / 1e9
+            out[f"{d}_gbps"] = tb / s / 1e9
     stall = cur["stall_s_total"] - prev.get("stall_s_total", 0.0)
     out["stall_s"] = stall / max(steps, 1)
     out["stall_pct"] = 100.0 * stall / dt
