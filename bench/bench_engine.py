@@ -153,18 +153,23 @@ def section_resident(out: Path) -> dict:
     )
 
 
+def _acc_sets() -> list[str]:
+    """env ACC -> runtime.grad_accum (host | device); unset keeps the profile's (auto)."""
+    acc = os.environ.get("ACC")
+    return [f"runtime.grad_accum={acc}"] if acc else []
+
+
 def section_streamed(out: Path) -> dict:
     spp = os.environ.get("SPP", "16")
     steps = int(os.environ.get("STEPS", "4"))
-    acc = os.environ.get("ACC")  # runtime.grad_accum: host | device (unset: the profile's, auto)
-    sets = [f"runtime.seqs_per_pass={spp}"] + ([f"runtime.grad_accum={acc}"] if acc else [])
-    return _train_section("rtx3050-6gb", sets, steps, f"streamed-{acc or 'auto'}")
+    acc = os.environ.get("ACC")
+    return _train_section("rtx3050-6gb", [f"runtime.seqs_per_pass={spp}", *_acc_sets()], steps,
+                          f"streamed-{acc or 'auto'}")
 
 
 def section_p1b(out: Path) -> dict:
-    acc = os.environ.get("ACC")
     return _train_section("0p1b", ["runtime.engine=streamed", "runtime.vram_budget_gib=5.1", "runtime.seqs_per_pass=64",
-                                   *([f"runtime.grad_accum={acc}"] if acc else [])],
+                                   *_acc_sets()],
                           int(os.environ.get("STEPS", "4")), "p1b")
 
 

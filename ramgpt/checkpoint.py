@@ -813,17 +813,24 @@ def _skip_silently(info: CheckpointInfo) -> bool:
     return info.in_progress or info.path.name.endswith(("-old", "-del"))
 
 
-def latest_checkpoint(run_dir: str | os.PathLike[str], *, verify: bool = False) -> Path | None:
-    """Newest complete checkpoint of ``run_dir`` (None if there is none). Newer partial or
-    corrupt ones are skipped with a :class:`PartialCheckpointWarning`; saves still in progress
-    are skipped silently. ``verify=True`` also checks sha256 (reads every file)."""
-    infos = list_checkpoints(run_dir)
-    for info in reversed(infos):
+def _complete_newest_first(run_dir: str | os.PathLike[str]) -> Iterator[CheckpointInfo]:
+    """The complete checkpoints of ``run_dir``, newest first: the one rule for which checkpoint a
+    resume or a load picks. Partial or corrupt ones are skipped with a warning, saves in progress
+    silently."""
+    for info in reversed(list_checkpoints(run_dir)):
         if _skip_silently(info):
             continue
         if not info.complete:
             _warn_skipped(info.path, info.reason)
             continue
+        yield info
+
+
+def latest_checkpoint(run_dir: str | os.PathLike[str], *, verify: bool = False) -> Path | None:
+    """Newest complete checkpoint of ``run_dir`` (None if there is none). Newer partial or
+    corrupt ones are skipped with a :class:`PartialCheckpointWarning`; saves still in progress
+    are skipped silently. ``verify=True`` also checks sha256 (reads every file)."""
+    for info in _complete_newest_first(run_dir):
         if verify:
             meta, _ = _read_meta(info.path)
             bad = _verify_hashes(info.path, meta) if meta is not None else "meta.json vanished"
@@ -912,13 +919,7 @@ def load_checkpoint(
     problem is a one-line :class:`CheckpointError` naming the file."""
     p = Path(path)
     if p.is_dir() and not _is_checkpoint_dir(p):
-        infos = list_checkpoints(p)
-        for info in reversed(infos):
-            if _skip_silently(info):
-                continue
-            if not info.complete:
-                _warn_skipped(info.path, info.reason)
-                continue
+        for info in _complete_newest_first(p):
             try:
                 return _load_verified(
                     info.path, map_location=map_location, with_optimizer=with_optimizer, verify=verify

@@ -144,14 +144,19 @@ class LoggingConfig(_Section):
     wandb_run_name: str | None = Field(None, description="W&B run name (default: the run directory's name).")
 
 
+def resolve_grad_accum(value: str, device: str) -> str:
+    """``runtime.grad_accum`` for ``device``: ``auto`` sums on the GPU under CUDA, else on the host."""
+    if value != "auto":
+        return value
+    return "device" if str(device).startswith("cuda") else "host"
+
+
 class RuntimeConfig(_Section):
     """Device, precision, engine and memory budget."""
 
     def grad_accum_on(self, device: str) -> str:
         """``grad_accum`` with ``auto`` resolved for ``device`` ("cuda..." or "cpu")."""
-        if self.grad_accum != "auto":
-            return self.grad_accum
-        return "device" if str(device).startswith("cuda") else "host"
+        return resolve_grad_accum(self.grad_accum, device)
 
     device: str = Field("auto", description="auto (CUDA when available, else CPU), cpu, cuda or cuda:N.")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(

@@ -44,6 +44,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ramgpt.config import resolve_grad_accum
 from ramgpt.model import GPT
 
 # ------------------------------------------------------------------------------------------------
@@ -359,8 +360,7 @@ class StreamedEngine(Engine):
         if grad_accum not in ("auto", "host", "device"):
             raise ValueError(f"grad_accum must be 'auto', 'host' or 'device', got {grad_accum!r}")
         self.cuda = device.startswith("cuda")
-        if grad_accum == "auto":
-            grad_accum = "device" if self.cuda else "host"
+        grad_accum = resolve_grad_accum(grad_accum, device)
         self.grad_accum = grad_accum
         self._spp = seqs_per_pass
         self.model.to("cpu")  # fp32 masters live in CPU RAM
