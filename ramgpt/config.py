@@ -181,7 +181,7 @@ class RuntimeConfig(_Section):
         "auto",
         description="Streamed engine: where each pass's gradients are summed into the fp32 accumulators. device: "
         "the accumulators stream through the GPU on a side stream (1.78x faster on an H100, docs/benchmarks.md; "
-        "costs about 0.25 GiB more VRAM); host: a CPU worker adds them (least VRAM); auto: device on CUDA, "
+        "estimate-memory counts ~0.23 GiB more VRAM); host: a CPU worker adds them (least VRAM); auto: device on CUDA, "
         "host otherwise.",
     )
     seed: int = Field(1337, description="Seed for weights init and everything random in training.")
