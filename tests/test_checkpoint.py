@@ -203,7 +203,7 @@ def test_resave_same_step_replaces_atomically(tmp_path: Path) -> None:
 
 def test_resave_without_atomic_exchange(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Where renameat2(RENAME_EXCHANGE) is missing, the old copy is renamed away first."""
-    monkeypatch.setattr(ck, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(ck.store, "exchange", lambda a, b: False)
     ck.save_checkpoint(tmp_path, 5, {"w": torch.zeros(3)}, None, {"v": 1})
     ck.save_checkpoint(tmp_path, 5, {"w": torch.ones(3)}, None, {"v": 2})
     assert ck.load_checkpoint(tmp_path / "step_0000005").meta["v"] == 2

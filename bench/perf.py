@@ -1,0 +1,297 @@
+"""Where the streamed 1b step spends its time: one section per process, results as JSON.
+
+    python bench/perf.py SECTION --out DIR
+
+  ceiling   the plain resident GPT-2 of bench/plain_gpt2.py, 1b shape, per-block checkpointing,
+            bf16 autocast, fwd+bwd only (env MB micro-batch, default 8; COMPILE=1 compiles each
+            block; CKPT=0 no checkpointing)
+  model     ramgpt's own GPT on the same terms (env MB, LOSS_CHUNK, COMPILE)
+  optim     the CPU optimizer step of the 1b, piece by piece (clip, unscale, fused AdamW, refresh
+            of the bf16 copies), at THREADS (default: all cores) threads
+  pin       pinning 2.2 GB of bf16 copies: one pinned allocation per tensor vs one arena
+  trace     one weight pass of the streamed 1b (rtx3050-6gb, 16 seqs) under torch.profiler;
+            writes DIR/trace-pass.json.gz and the compute stream's busy share
+
+Each section prints ``RESULT <section>: {json}`` and writes DIR/<section><tag>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+L, NH, C, V, T = 36, 24, 1536, 50304, 1024
+
+
+def _sets() -> list[str]:
+    """env SETS: extra --set overrides for the profile (e.g. a smaller model for a CPU dry run)."""
+    return os.environ.get("SETS", "").split()
+
+
+def _kernel_table(prof, n: int = 18) -> list[dict]:
+    rows = []
+    for e in sorted(prof.key_averages(), key=lambda e: -getattr(e, "device_time_total", 0))[:n]:
+        rows.append({"name": e.key[:90], "cuda_ms": round(getattr(e, "device_time_total", 0) / 1e3, 2),
+                     "count": e.count})
+    return rows
+
+
+def _time_fwd_bwd(model, mb: int, steps: int = 6, profile: bool = False) -> dict:
+    def one():
+        x = torch.randint(0, V, (mb, T), device="cuda")
+        y = torch.randint(0, V, (mb, T), device="cuda")
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(x, y)
+        loss.backward()
+
+    for _ in range(2):
+        one()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        one()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    st = statistics.median(times)
+    out = {"mb": mb, "s_per_microbatch": st, "tokens_per_s": mb * T / st,
+           "peak_alloc_gib": torch.cuda.max_memory_allocated() / 2**30}
+    if profile:
+        from torch.profiler import ProfilerActivity, profile as tprof
+
+        with tprof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            one()
+            torch.cuda.synchronize()
+        out["kernels"] = _kernel_table(prof)
+    return out
+
+
+def section_ceiling(out: Path) -> dict:
+    from plain_gpt2 import PlainGPT2
+
+    mb = int(os.environ.get("MB", "8"))
+    torch.manual_seed(0)
+    m = PlainGPT2(L, NH, C, V, T, ckpt=os.environ.get("CKPT", "1") == "1").cuda()
+    if os.environ.get("COMPILE") == "1":
+        for i, b in enumerate(m.h):
+            m.h[i] = torch.compile(b)
+    return _time_fwd_bwd(m, mb, profile=os.environ.get("PROFILE") == "1")
+
+
+def section_model(out: Path) -> dict:
+    from ramgpt.config import load_profile
+    from ramgpt.model import GPT
+
+    mb = int(os.environ.get("MB", "8"))
+    prof = load_profile("1b")
+    torch.manual_seed(0)
+    m = GPT(prof.model, loss_chunk_tokens=int(os.environ.get("LOSS_CHUNK", "2048"))).cuda()
+    m.gradient_checkpointing = True
+    return _time_fwd_bwd(m, mb, profile=os.environ.get("PROFILE") == "1")
+
+
+def section_optim(out: Path) -> dict:
+    """The streamed engine's optimizer step, piece by piece, on 1b-shaped fp32 tensors."""
+    from ramgpt.config import load_profile
+    from ramgpt.model import GPT
+
+    threads = int(os.environ.get("THREADS", str(os.cpu_count())))
+    torch.set_num_threads(threads)
+    prof = load_profile("1b", _sets())
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    model = GPT(prof.model)
+    build_s = time.perf_counter() - t0
+    with torch.device("meta"):
+        GPT(prof.model)
+    t0 = time.perf_counter()
+    with torch.device("meta"):
+        meta_model = GPT(prof.model)
+    meta_s = time.perf_counter() - t0
+    params = [p for g in model.param_groups(0.0) for p in g["params"]]
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    opt = torch.optim.AdamW(model.param_groups(0.1), lr=1e-4, fused=True)
+    grads = [p.grad for p in params]
+    res: dict = {"threads": threads, "build_fp32_model_s": build_s, "build_meta_model_s": meta_s,
+                 "n_params": sum(p.numel() for p in params)}
+    del meta_model
+
+    def timed(name, fn, reps=3):
+        fn()
+        ts = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+        res[name] = statistics.median(ts)
+
+    timed("norm_foreach_s", lambda: torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))
+    timed("foreach_mul_s", lambda: torch._foreach_mul_(grads, 1.0))
+    timed("clip_grad_norm_s", lambda: torch.nn.utils.clip_grad_norm_(params, 1e9, foreach=True))
+    timed("adamw_fused_s", opt.step)
+    gs = torch.tensor(1.0)
+    opt2 = torch.optim.AdamW(model.param_groups(0.1), lr=1e-4, fused=True)
+
+    def step_with_scale():
+        opt2.step()  # grad_scale is only accepted through the GradScaler path; time plain
+
+    timed("adamw_fused_s_again", step_with_scale)
+    del gs
+    copies = [torch.empty(p.shape, dtype=torch.bfloat16).pin_memory() if torch.cuda.is_available()
+              else torch.empty(p.shape, dtype=torch.bfloat16) for p in params]
+    timed("refresh_bf16_s", lambda: [c.copy_(p) for c, p in zip(copies, params)])
+    timed("refresh_bf16_foreach_s", lambda: torch._foreach_copy_(copies, [p.detach() for p in params]))
+    if threads > 4:  # the same step on half the cores (what is left if copy/worker threads take the rest)
+        torch.set_num_threads(threads // 2)
+        timed("adamw_fused_half_threads_s", opt.step)
+        torch.set_num_threads(threads)
+    # per-chunk AdamW (what overlapping per chunk would run): one optimizer per block-sized group
+    blocks = [list(b.parameters()) for b in model.h]
+    opts = [torch.optim.AdamW(ps, lr=1e-4, fused=True) for ps in blocks]
+    for o in opts:
+        o.step()
+    t = time.perf_counter()
+    for o in opts:
+        o.step()
+    res["adamw_per_block_s"] = (time.perf_counter() - t) / len(opts)
+    return res
+
+
+def section_pin(out: Path) -> dict:
+    import psutil
+
+    from ramgpt.config import load_profile
+    from ramgpt.model import GPT
+
+    prof = load_profile("1b", _sets())
+    with torch.device("meta"):
+        shapes = [p.shape for p in GPT(prof.model).parameters()]
+    proc = psutil.Process()
+    nbytes = sum(int(torch.Size(s).numel()) * 2 for s in shapes)
+    r0 = proc.memory_info().rss
+    t = time.perf_counter()
+    per = [torch.empty(s, dtype=torch.bfloat16, pin_memory=True) for s in shapes]
+    per_s = time.perf_counter() - t
+    r1 = proc.memory_info().rss
+    del per
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    arena = torch.empty(nbytes, dtype=torch.uint8)
+    rc = torch.cuda.cudart().cudaHostRegister(arena.data_ptr(), nbytes, 0)
+    reg_s = time.perf_counter() - t
+    r2 = proc.memory_info().rss
+    dev = torch.empty(nbytes // 8, dtype=torch.uint8, device="cuda")
+    dev.copy_(arena[: nbytes // 8], non_blocking=True)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(4):
+        dev.copy_(arena[: nbytes // 8], non_blocking=True)
+    torch.cuda.synchronize()
+    gbps = 4 * (nbytes // 8) / (time.perf_counter() - t) / 1e9
+    return {"tensor_bytes": nbytes, "per_tensor_pin_s": per_s, "per_tensor_rss_delta": r1 - r0,
+            "register_rc": int(rc), "arena_register_s": reg_s, "arena_rss_delta_after_free": r2 - r1,
+            "arena_h2d_gbps": gbps}
+
+
+def section_trace(out: Path) -> dict:
+    from ramgpt.config import load_profile
+    from ramgpt.engine import build_engine
+    from ramgpt.model import GPT
+
+    prof = load_profile("rtx3050-6gb", ["runtime.seqs_per_pass=16"])
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    model = GPT(prof.model, loss_chunk_tokens=prof.runtime.loss_chunk_tokens)
+    build_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    eng = build_engine(prof, model, "cuda", "bf16")
+    engine_s = time.perf_counter() - t0
+    spp = eng.seqs_per_pass
+
+    def batch():
+        x = torch.randint(0, V, (spp, T))
+        return x, torch.randint(0, V, (spp, T))
+
+    t0 = time.perf_counter()
+    eng.forward_backward(*batch())
+    torch.cuda.synchronize()
+    first_pass_s = time.perf_counter() - t0
+    for _ in range(2):
+        eng.forward_backward(*batch())
+    torch.cuda.synchronize()
+    pass_times = []
+    for _ in range(4):
+        t = time.perf_counter()
+        eng.forward_backward(*batch())
+        torch.cuda.synchronize()
+        pass_times.append(time.perf_counter() - t)
+    t = time.perf_counter()
+    rep = eng.optimizer_step(1e-4, spp * T * 7)
+    opt_s = time.perf_counter() - t
+    c0 = eng.counters()
+    path = "/tmp/trace-pass.json"
+    x, y = batch()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        t = time.perf_counter()
+        eng.om.step((x, y), loss_fn=lambda o, _t: o, profile_path=path)
+        torch.cuda.synchronize()
+        traced_s = time.perf_counter() - t
+    eng._before_optimizer()
+    c1 = eng.counters()
+    tr = json.loads(Path(path).read_text())
+    ev = [e for e in tr.get("traceEvents", []) if e.get("ph") == "X"]
+    kern = [e for e in ev if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    by_stream: dict = {}
+    for e in kern:
+        key = (e.get("args", {}).get("stream"), e.get("cat"))
+        by_stream.setdefault(str(key), 0.0)
+        by_stream[str(key)] += e["dur"] / 1e3
+    waits = [e for e in ev if str(e.get("name", "")).startswith("wait L")]
+    wait_ms = sum(e["dur"] for e in waits) / 1e3
+    span = (max(e["ts"] + e["dur"] for e in kern) - min(e["ts"] for e in kern)) / 1e3 if kern else 0
+    with gzip.open(out / "trace-pass.json.gz", "wt") as f:
+        json.dump(tr, f)
+    eng.close()
+    return {"build_model_s": build_s, "build_engine_s": engine_s, "first_pass_s": first_pass_s,
+            "pass_s": statistics.median(pass_times), "optimizer_step_s": opt_s, "grad_norm": rep.grad_norm,
+            "traced_pass_s": traced_s, "gpu_span_ms": span, "busy_ms_by_stream_cat": by_stream,
+            "acquire_wait_ms": wait_ms, "n_waits": len(waits),
+            "stall_load_s": c1["stall_load_s_total"] - c0["stall_load_s_total"],
+            "stall_grad_s": c1["stall_grad_s_total"] - c0["stall_grad_s_total"], "spp": spp}
+
+
+SECTIONS = {"ceiling": section_ceiling, "model": section_model, "optim": section_optim, "pin": section_pin,
+            "trace": section_trace}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("section", choices=sorted(SECTIONS))
+    ap.add_argument("--out", type=Path, default=Path("bench-out"))
+    ap.add_argument("--tag", default="")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    res = SECTIONS[args.section](args.out)
+    res.update(device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+               torch=torch.__version__, date=time.strftime("%Y-%m-%d"))
+    (args.out / f"{args.section}{args.tag}.json").write_text(json.dumps(res, indent=2))
+    short = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in res.items() if k != "kernels"}
+    print(f"RESULT {args.section}{args.tag}: {json.dumps(short)}", flush=True)
+    for k in res.get("kernels", []):
+        print(f"   {k['cuda_ms']:9.2f} ms  x{k['count']:<5} {k['name']}")
+
+
+if __name__ == "__main__":
+    main()
