@@ -68,7 +68,8 @@ def _time_fwd_bwd(model, mb: int, steps: int = 6, profile: bool = False) -> dict
     out = {"mb": mb, "s_per_microbatch": st, "tokens_per_s": mb * T / st,
            "peak_alloc_gib": torch.cuda.max_memory_allocated() / 2**30}
     if profile:
-        from torch.profiler import ProfilerActivity, profile as tprof
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as tprof
 
         with tprof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             one()

@@ -29,6 +29,14 @@ app = typer.Typer(
 
 err_console = Console(stderr=True)
 
+
+@app.callback()
+def _setup() -> None:
+    """Runs before every command, before any command imports torch."""
+    from ramgpt.numerics import ensure_reproducible_env
+
+    ensure_reproducible_env()
+
 # Reusable option types ------------------------------------------------------------------------
 ProfileOpt = Annotated[str, typer.Option("--profile", help="Profile name (see profiles/) or path to a YAML file.")]
 SetOpt = Annotated[

@@ -144,19 +144,8 @@ class LoggingConfig(_Section):
     wandb_run_name: str | None = Field(None, description="W&B run name (default: the run directory's name).")
 
 
-def resolve_grad_accum(value: str, device: str) -> str:
-    """``runtime.grad_accum`` for ``device``: ``auto`` sums on the GPU under CUDA, else on the host."""
-    if value != "auto":
-        return value
-    return "device" if str(device).startswith("cuda") else "host"
-
-
 class RuntimeConfig(_Section):
     """Device, precision, engine and memory budget."""
-
-    def grad_accum_on(self, device: str) -> str:
-        """``grad_accum`` with ``auto`` resolved for ``device`` ("cuda..." or "cpu")."""
-        return resolve_grad_accum(self.grad_accum, device)
 
     device: str = Field("auto", description="auto (CUDA when available, else CPU), cpu, cuda or cuda:N.")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
@@ -394,28 +383,6 @@ def load_profile(
 def profile_from_dict(data: dict[str, Any]) -> Profile:
     """Rebuild a profile from a saved config dump (checkpoint metadata)."""
     return build_profile(data)
-
-
-def resolve_device(cfg: RuntimeConfig) -> str:
-    import torch
-
-    if cfg.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        return "cpu"  # the caller prints a notice: training falls back to the CPU path
-    return cfg.device
-
-
-def resolve_precision(cfg: RuntimeConfig, device: str) -> str:
-    import torch
-
-    if cfg.precision != "auto":
-        if device == "cpu" and cfg.precision == "fp16":
-            return "fp32"  # no fp16 autocast worth having on CPU
-        return cfg.precision
-    if device == "cpu":
-        return "fp32"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
 def profile_reference_markdown() -> str:

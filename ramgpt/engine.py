@@ -44,8 +44,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ramgpt.config import resolve_grad_accum
 from ramgpt.model import GPT
+from ramgpt.placement import resolve_grad_accum
 
 # ------------------------------------------------------------------------------------------------
 # shared pieces
@@ -731,7 +731,7 @@ def build_engine(profile, model: GPT, device: str, precision: str, *, engine: st
         spp = min(spp, profile.optim.seqs_per_step)
         return StreamedEngine(model, device=device, precision=precision, optim_cfg=profile.optim,
                               seqs_per_pass=spp, window=rt.stream_window, pin=rt.stream_pin,
-                              vram_budget_b=budget_b, grad_accum=rt.grad_accum_on(device))
+                              vram_budget_b=budget_b, grad_accum=resolve_grad_accum(rt.grad_accum, device))
     return ResidentEngine(model, device=device, precision=precision, optim_cfg=profile.optim,
                           micro_batch_size=seqs_per_pass or profile.optim.micro_batch_size,
                           gradient_checkpointing=rt.gradient_checkpointing and device != "cpu",

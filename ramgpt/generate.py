@@ -558,7 +558,8 @@ def _load_model(path: Path, device: str, vram_budget_gib: float | None) -> Loade
     CPU, the device is chosen from their size, then the model moves there whole: CUDA runs in the
     profile's precision (bf16/fp16 on auto), the CPU always in float32."""
     from ramgpt.checkpoint import load_model_for_inference
-    from ramgpt.config import resolve_precision
+    from ramgpt.placement import resolve_precision
+    from ramgpt.probe import probe_machine
 
     model, profile, tokenizer_dir = load_model_for_inference(path, "cpu")
     cuda = torch.cuda.is_available()
@@ -575,7 +576,7 @@ def _load_model(path: Path, device: str, vram_budget_gib: float | None) -> Loade
     dtype = torch.float32
     if dev != "cpu":
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
-            resolve_precision(profile.runtime, dev), torch.float32
+            resolve_precision(profile.runtime.precision, dev, probe_machine()), torch.float32
         )
     if stream:
         from ramgpt.engine import StreamedInferenceModel, apply_vram_budget

@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any, Literal
 if TYPE_CHECKING:  # pragma: no cover
     from ramgpt.config import ModelConfig, Profile
 
+from ramgpt.placement import resolve_grad_accum
+
 GiB = 2**30
 MiB = 2**20
 
@@ -615,7 +617,7 @@ def streamed_gpu(profile: Profile, seqs_per_pass: int, *, a: Assumptions = DEFAU
         Term("block grads (bf16) + backward temporaries/workspaces (measured)", 5 * blk),
         head_grads,
     ]
-    if rt.grad_accum_on("cuda") == "device":
+    if resolve_grad_accum(rt.grad_accum, "cuda") == "device":
         # runtime.grad_accum=device: the side stream's fp32 scratch (two 64 MiB pieces) and one
         # more chunk's bf16 grads kept alive until the side stream has read them (the largest
         # chunk is the head/embedding).
@@ -729,7 +731,7 @@ def pcie_per_step(
     passes = math.ceil(per_step / max(1, seqs_per_pass))
     h2d = _belady_loads(sizes, streamed, profile.runtime.stream_window, passes) + 2 * per_step * seq * 8
     d2h = passes * sum(sizes[i] for i in streamed)
-    if profile.runtime.grad_accum_on("cuda") == "device":
+    if resolve_grad_accum(profile.runtime.grad_accum, "cuda") == "device":
         # each pass's sums come back as fp32, and every pass after the first brings them in first;
         # in the first pass a tied embedding's second contribution (the embed chunk, after the
         # head's) is brought in and added too
@@ -807,7 +809,7 @@ def _cpu_terms(profile: Profile, engine: str, device: str, seqs: int, a: Assumpt
         slot = max(sum(-(-t * pb // 64) * 64 for t in c.tensors) for c in chunks)
         n_slots = max(2, min(a.grad_slots, len(chunks)))
         # grad_accum=device page-locks the fp32 grads in place (counted above): no staging ring
-        if profile.runtime.grad_accum_on("cuda") == "host":
+        if resolve_grad_accum(profile.runtime.grad_accum, "cuda") == "host":
             out.append(
                 Term(
                     f"pinned gradient staging ({n_slots} slots x largest chunk)",
@@ -914,7 +916,7 @@ def _advice(
                 out.append(f"set runtime.engine=streamed (fits with up to {s} sequences per pass)")
         else:
             s = max_seqs_per_pass(profile, vram, a=a)
-            on_gpu_sum = rt.grad_accum_on("cuda") == "device"
+            on_gpu_sum = resolve_grad_accum(rt.grad_accum, "cuda") == "device"
             if s >= 1 and rt.seqs_per_pass:
                 tip = f"lower runtime.seqs_per_pass to {s} (or unset it to let the engine choose)"
                 if on_gpu_sum and max_seqs_per_pass(_with(profile, "runtime", grad_accum="host"), vram, a=a) >= rt.seqs_per_pass:

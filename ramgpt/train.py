@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import yaml
 
-from ramgpt.config import Profile, resolve_device, resolve_precision
+from ramgpt.config import Profile
 from ramgpt.errors import (
     CheckpointError,
     ConfigError,
@@ -31,6 +31,9 @@ from ramgpt.errors import (
     RamgptError,
     is_out_of_memory,
 )
+from ramgpt.numerics import ensure_reproducible_env
+from ramgpt.placement import resolve_device, resolve_precision
+from ramgpt.probe import probe_machine
 from ramgpt.schedule import lr_at
 
 MAX_NONFINITE_STEPS = 3
@@ -143,16 +146,16 @@ def train(profile: Profile, resume: str | None = None, sinks: list | None = None
     from ramgpt.model import GPT
     from ramgpt.tokenizer import load_tokenizer
 
+    ensure_reproducible_env()
     notices: list[str] = []
     t_start = time.perf_counter()
     rt = profile.runtime
     # Expandable segments cut the streamed engine's fragmentation (measured on an H200: peak
     # reserved 4.48 GiB instead of 5.03 at the same speed); must be set before CUDA allocates.
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    device = resolve_device(rt)
-    if rt.device.startswith("cuda") and device == "cpu":
-        notices.append("CUDA is not available: training falls back to the CPU path (fp32, resident engine)")
-    precision = resolve_precision(rt, device)
+    machine = probe_machine()
+    device = resolve_device(rt.device, machine)
+    precision = resolve_precision(rt.precision, device, machine)
     if rt.threads:
         torch.set_num_threads(rt.threads)
     torch.manual_seed(rt.seed)

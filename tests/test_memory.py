@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from ramgpt import memory as M
 from ramgpt.cli import app
 from ramgpt.config import build_profile, load_profile
+from ramgpt.placement import resolve_grad_accum
 
 GiB = 2**30
 MiB = 2**20
@@ -159,7 +160,7 @@ def test_pcie_streamed_1b_device_accumulation():
     in for every pass after the first."""
     host = M.pcie_per_step(load_profile("rtx3050-6gb", ["runtime.grad_accum=host"], use_env=False), 16, "streamed")
     p = load_profile("rtx3050-6gb", use_env=False)
-    assert p.runtime.grad_accum == "auto" and p.runtime.grad_accum_on("cuda") == "device"
+    assert p.runtime.grad_accum == "auto" and resolve_grad_accum(p.runtime.grad_accum, "cuda") == "device"
     pc = M.pcie_per_step(p, 16, "streamed")
     fp32 = sum(c.params for c in M.chunk_sizes(p.model)) * 4
     assert pc.d2h_bytes == 12 * fp32

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ramgpt.config import load_profile
-from ramgpt.errors import NonFiniteLossError
+from ramgpt.errors import ConfigError, NonFiniteLossError
 from ramgpt.train import train
 
 FAST = [
@@ -127,12 +127,12 @@ def test_nan_loss_stops_with_one_line_and_keeps_checkpoints(tmp_path: Path, monk
     assert (run / "step_0000004" / "meta.json").is_file(), "the checkpoint saved before the NaNs is intact"
 
 
-def test_cuda_request_falls_back_to_cpu_with_a_notice(tmp_path: Path) -> None:
+def test_explicit_cuda_without_a_gpu_is_a_one_line_error(tmp_path: Path) -> None:
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    res = train(_profile(tmp_path / "r", "optim.max_steps=2", "runtime.device=cuda"))
-    assert res.device == "cpu"
-    assert any("falls back to the CPU" in n for n in res.notices)
+    with pytest.raises(ConfigError, match="runtime.device is 'cuda' but this machine has no usable CUDA GPU"):
+        train(_profile(tmp_path / "r", "optim.max_steps=2", "runtime.device=cuda"))
+    assert not (tmp_path / "r").exists()  # refused before anything was written
 
 
 def test_generate_from_the_run(tmp_path: Path) -> None:

@@ -1,0 +1,118 @@
+"""Where and how a run executes: the one decision of device, precision, engine, sequences per
+weight pass, VRAM budget and gradient-accumulation path, made by pure functions of the profile's
+``runtime`` section and a probed (or described) :class:`~ramgpt.probe.Machine`.
+
+``train``, ``generate``, ``estimate-memory`` and ``doctor`` all ask here, so they never disagree
+about what a profile does on a machine. Nothing here touches CUDA: the engine applies the budget.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ramgpt.errors import ConfigError
+from ramgpt.probe import Machine
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ramgpt.config import Profile
+
+GiB = 2**30
+
+
+@dataclass(frozen=True)
+class Placement:
+    """The resolved runtime of one process."""
+
+    device: str  # "cpu", "cuda" or "cuda:N"
+    precision: str  # "fp32" | "bf16" | "fp16"
+    engine: str  # "resident" | "streamed"
+    seqs_per_pass: int  # sequences per forward/backward (the resident engine's micro-batch)
+    vram_budget_b: int | None  # the allocator cap in bytes (None: no cap)
+    grad_accum: str  # "host" | "device" (streamed engine; "host" elsewhere)
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.startswith("cuda")
+
+
+def resolve_device(requested: str, machine: Machine, *, option: str = "runtime.device") -> str:
+    """``auto`` takes CUDA when there is a GPU, else the CPU. An explicit ``cuda``/``cuda:N``
+    without that GPU is a one-line :class:`ConfigError` naming ``option`` (never a silent CPU run)."""
+    if requested == "auto":
+        return "cuda" if machine.cuda else "cpu"
+    if requested == "cpu":
+        return "cpu"
+    if requested == "cuda" or requested.startswith("cuda:"):
+        if not machine.cuda:
+            raise ConfigError(
+                f"{option} is {requested!r} but this machine has no usable CUDA GPU (CPU-only torch or no driver); "
+                f"use {option}=auto or cpu"
+            )
+        if machine.gpu(requested) is None:
+            have = ", ".join(f"cuda:{g.index}" for g in machine.gpus)
+            raise ConfigError(f"{option} is {requested!r} but this machine has only {have}")
+        return requested
+    raise ConfigError(f"{option} {requested!r} is not a device; use auto, cpu, cuda or cuda:N")
+
+
+def resolve_precision(requested: str, device: str, machine: Machine) -> str:
+    """``auto``: fp32 on the CPU, bf16 on cards that have it, fp16 (with loss scaling) on older
+    ones. fp16 on the CPU becomes fp32 (there is no fp16 autocast worth having there)."""
+    if device == "cpu":
+        return "fp32" if requested in ("auto", "fp16") else requested
+    if requested != "auto":
+        return requested
+    gpu = machine.gpu(device)
+    return "bf16" if gpu is not None and gpu.bf16 else "fp16"
+
+
+def resolve_grad_accum(value: str, device: str) -> str:
+    """``runtime.grad_accum``: ``auto`` sums each pass's gradients on the GPU under CUDA, else on the host."""
+    if value != "auto":
+        return value
+    return "device" if device.startswith("cuda") else "host"
+
+
+def vram_budget_bytes(budget_gib: float | None, device: str, machine: Machine) -> int | None:
+    """The cap the engine applies: the profile's budget, at most the card (None: no budget or no GPU)."""
+    gpu = machine.gpu(device)
+    if budget_gib is None or gpu is None:
+        return None
+    return min(int(budget_gib * GiB), gpu.total_b)
+
+
+def decide(
+    profile: Profile,
+    machine: Machine,
+    *,
+    free_vram_b: int | None = None,
+    engine: str | None = None,
+    seqs_per_pass: int | None = None,
+) -> Placement:
+    """The placement of ``profile`` on ``machine``. ``free_vram_b`` is what the allocator may use
+    without a budget (``torch.cuda.mem_get_info`` once the context exists; the card's total when
+    planning ahead). ``engine`` / ``seqs_per_pass`` override the profile (benchmarks, generate)."""
+    from ramgpt import memory
+
+    rt = profile.runtime
+    device = resolve_device(rt.device, machine)
+    precision = resolve_precision(rt.precision, device, machine)
+    budget = vram_budget_bytes(rt.vram_budget_gib, device, machine)
+    room = budget
+    if room is None and device != "cpu":
+        gpu = machine.gpu(device)
+        room = free_vram_b if free_vram_b is not None else (gpu.total_b if gpu else None)
+    kind = engine or rt.engine
+    if kind == "auto":
+        kind = memory.choose_engine(profile, room) if device != "cpu" else "resident"
+    if kind == "streamed":
+        spp = seqs_per_pass or rt.seqs_per_pass
+        if spp is None:
+            spp = max(1, memory.max_seqs_per_pass(profile, room)) if (device != "cpu" and room) else profile.optim.micro_batch_size
+        spp = min(spp, profile.optim.seqs_per_step)
+        grad_accum = resolve_grad_accum(rt.grad_accum, device)
+    else:
+        spp = seqs_per_pass or profile.optim.micro_batch_size
+        grad_accum = "host"
+    return Placement(device, precision, kind, int(spp), budget, grad_accum)
