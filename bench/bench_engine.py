@@ -71,6 +71,10 @@ class Capture:
                                    "vram_peak_reserved_b", "h2d_gbps", "d2h_gbps", "stall_pct", "eval_loss")}),
               flush=True)
 
+    def progress(self, step, **quick):
+        if quick.get("phase"):
+            print(f"[phase] {quick['phase']}", flush=True)
+
     def event(self, kind, msg):
         self.events.append((kind, msg))
         print(f"[{kind}] {msg}", flush=True)

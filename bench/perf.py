@@ -217,7 +217,10 @@ def section_trace(out: Path) -> dict:
     model = GPT(prof.model, loss_chunk_tokens=prof.runtime.loss_chunk_tokens)
     build_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    eng = build_engine(prof, model, "cuda", "bf16")
+    from ramgpt.placement import decide
+    from ramgpt.probe import probe_machine
+
+    eng = build_engine(model, decide(prof, probe_machine()), prof.optim, prof.runtime)
     engine_s = time.perf_counter() - t0
     spp = eng.seqs_per_pass
 

@@ -120,7 +120,12 @@ def train(
     if tui is not None:
         sets.append(f"logging.tui={'on' if tui else 'off'}")
     prof = _load(profile, sets, micro_test)
-    result = run_train(prof, resume=resume)
+    hooks = []
+    if prof.checkpoint.hf_repo_id and prof.checkpoint.push_to_hub_interval:
+        from ramgpt.push_hook import HubPushHook
+
+        hooks.append(HubPushHook(prof.checkpoint))
+    result = run_train(prof, resume=resume, on_saved=hooks)
     err_console.print(result.summary(), highlight=False)
     if result.interrupted:
         raise typer.Exit(130)  # the shell convention for Ctrl-C; the checkpoint is already saved

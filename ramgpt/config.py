@@ -115,7 +115,15 @@ class CheckpointConfig(_Section):
     """Saving, rotation and optional Hub pushes."""
 
     out_dir: str | None = Field(None, description="Run directory (default: runs/<profile name>).")
-    save_interval_steps: int = Field(1000, ge=1, description="Save a checkpoint every this many optimizer steps.")
+    save_interval_steps: int | None = Field(
+        1000, ge=1, description="Save a checkpoint every this many optimizer steps (null: only by the clock)."
+    )
+    save_interval_minutes: float | None = Field(
+        None,
+        gt=0.0,
+        description="Also save when this many minutes of wall time have passed since the last save (null: off); "
+        "either or both intervals can be set.",
+    )
     keep_last_n: int = Field(3, ge=1, description="Keep only the newest N checkpoints (the best-eval one is kept too).")
     save_on_interrupt: bool = Field(True, description="Write a checkpoint when training is interrupted with Ctrl-C.")
     save_final: bool = Field(True, description="Write a checkpoint when training ends.")
@@ -200,6 +208,10 @@ class Profile(_Section):
             raise ValueError(f"data.path is required when data.source is {self.data.source!r}")
         if self.data.source == "hub" and not self.data.dataset_name:
             raise ValueError("data.dataset_name is required when data.source is 'hub'")
+        if self.checkpoint.save_interval_steps is None and self.checkpoint.save_interval_minutes is None:
+            raise ValueError(
+                "checkpoint.save_interval_steps and checkpoint.save_interval_minutes are both null: set at least one"
+            )
         if self.checkpoint.push_to_hub_interval and not self.checkpoint.hf_repo_id:
             raise ValueError("checkpoint.push_to_hub_interval needs checkpoint.hf_repo_id")
         return self

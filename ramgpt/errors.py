@@ -1,5 +1,10 @@
 """Typed errors. Library code raises these; only ``cli.py`` turns them into a one-line
-message and an exit code (set ``RAMGPT_DEBUG=1`` to see the traceback instead)."""
+message and an exit code (set ``RAMGPT_DEBUG=1`` to see the traceback instead).
+
+Exit codes (also in README): 1 other user-facing problem, 2 bad profile/option, 3 data or
+tokenizer, 4 checkpoint, 5 out of memory, 6 loss NaN/inf, 7 Hugging Face Hub, 8 run directory
+unusable (cannot be written, or locked by another training process), 130 interrupted (Ctrl-C).
+"""
 
 from __future__ import annotations
 
@@ -63,6 +68,12 @@ class HubError(RamgptError):
     """A Hugging Face Hub operation (push, repo creation) failed or lacks a token/repo id."""
 
     exit_code = 7
+
+
+class RunDirError(RamgptError):
+    """The run directory cannot be created or written, or another process is training in it."""
+
+    exit_code = 8
 
 
 class Interrupted(RamgptError):

@@ -20,6 +20,15 @@ from torch.utils.checkpoint import checkpoint
 from ramgpt.config import ModelConfig
 from ramgpt.loss import IGNORE_INDEX, fused_linear_cross_entropy
 
+# GPT-2 ties the output layer to the token embedding: the alias -> the name it is stored under.
+# The one home of this fact (the engines, checkpoint loading and the HF export read it here).
+TIED_WEIGHTS = {"head.lm_head.weight": "embed.wte.weight"}
+
+
+def tied_aliases(cfg: ModelConfig) -> dict[str, str]:
+    """``TIED_WEIGHTS`` when the model ties its embeddings, else nothing."""
+    return dict(TIED_WEIGHTS) if cfg.tie_embeddings else {}
+
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -132,8 +141,7 @@ class GPT(nn.Module):
         self.embed = Embed(cfg)
         self.h = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
         self.head = Head(cfg, loss_chunk_tokens)
-        if cfg.tie_embeddings:
-            self.head.lm_head.weight = self.embed.wte.weight
+        self.tie_weights()
         self.gradient_checkpointing = False
         self.apply(self._init_weights)
         # GPT-2 scales the residual projections by 1/sqrt(2 * n_layer)
@@ -151,6 +159,12 @@ class GPT(nn.Module):
             nn.init.normal_(m.weight, mean=0.0, std=0.02)
 
     # -- structure ---------------------------------------------------------------------------
+    def tie_weights(self) -> None:
+        """Make the output layer the token embedding's Parameter (GPT-2), e.g. again after a
+        ``load_state_dict(assign=True)`` replaced them separately."""
+        if self.cfg.tie_embeddings:
+            self.head.lm_head.weight = self.embed.wte.weight
+
     def chunks(self) -> list[nn.Module]:
         """Ordered chunks for block-by-block execution: [embed, h[0..n-1], head]."""
         return [self.embed, *self.h, self.head]
@@ -208,4 +222,4 @@ def count_parameters_by_component(cfg: ModelConfig) -> dict[str, int]:
     return {"embeddings": V * C + P * C, "blocks": L * block, "head": head, "total": V * C + P * C + L * block + head}
 
 
-__all__ = ["GPT", "Block", "Embed", "Head", "IGNORE_INDEX", "count_parameters_by_component"]
+__all__ = ["GPT", "Block", "Embed", "Head", "IGNORE_INDEX", "TIED_WEIGHTS", "count_parameters_by_component", "tied_aliases"]

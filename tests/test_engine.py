@@ -144,12 +144,12 @@ def test_streamed_inference_matches_the_model_with_kv_cache() -> None:
 def test_fp16_scaler_skips_overflow_and_lowers_the_scale() -> None:
     """fp16's grad scaler: a non-finite gradient skips the update and halves the scale; finite
     steps keep it, and the scale grows after growth_interval good steps."""
-    from ramgpt.engine import _LossScaler
+    from ramgpt.engine.base import LossScaler
 
     cfg = ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=32)
     eng = ResidentEngine(GPT(cfg), device="cpu", precision="fp32", optim_cfg=OptimConfig(lr=1e-2),
                          micro_batch_size=2, gradient_checkpointing=False)
-    eng.scaler = _LossScaler(enabled=True, init=1024.0, growth_interval=2)
+    eng.scaler = LossScaler(enabled=True, init=1024.0, growth_interval=2)
     before = {n: p.detach().clone() for n, p in eng.model.named_parameters()}
     x = torch.randint(0, 32, (2, 8))
     eng.forward_backward(x, x)

@@ -191,7 +191,9 @@ def test_background_push_sends_weights_not_optimizer_and_deletes_rotated(tmp_pat
         "checkpoint.keep_last_n=1",
         "checkpoint.delete_remote_rotated=true",
     )
-    res = train(prof, hub_api=hub)
+    from ramgpt.push_hook import HubPushHook
+
+    res = train(prof, on_saved=[HubPushHook(prof.checkpoint, api=hub)])
     assert res.steps == 12
     assert len(hub.uploads) == 3, "one push per push_to_hub_interval, all finished before train() returns"
     for up, step in zip(hub.uploads, (4, 8, 12)):
@@ -262,11 +264,15 @@ class _Progress:
     def __init__(self):
         self.logged: list[int] = []
         self.progressed: list[int] = []
+        self.phases: list[str | None] = []
 
     def log(self, metrics, step):
         self.logged.append(step)
 
     def progress(self, step, **quick):
+        if "phase" in quick:  # start-up phases (step 0) are announced through progress too
+            self.phases.append(quick["phase"])
+            return
         assert quick["tokens_seen"] == step * 1024 and quick["eta_s"] >= 0
         self.progressed.append(step)
 
@@ -282,6 +288,7 @@ def test_steps_between_log_rows_still_report_progress(tmp_path: Path) -> None:
     train(_profile(tmp_path / "r", "logging.log_interval=5", "logging.eval_interval=100"), sinks=[sink])
     assert sink.logged == [5, 10, 12]
     assert sink.progressed == [1, 2, 3, 4, 6, 7, 8, 9, 11]
+    assert sink.phases[0] == "building the model" and sink.phases[-1] == "first step"
 
 
 def test_oom_in_the_streaming_worker_names_pass_size_and_host_accumulation(tmp_path: Path, monkeypatch) -> None:
@@ -307,7 +314,7 @@ def test_oom_in_the_streaming_worker_names_pass_size_and_host_accumulation(tmp_p
 def test_transfer_rate_counts_only_timed_copies() -> None:
     """The engine moves some bytes untimed (grad_accum=device's running sums, which overlap the
     timed weight loads): they count in bytes per step but not in the achieved GB/s."""
-    from ramgpt.train import _transfer_metrics
+    from ramgpt.train.metrics import transfer_metrics as _transfer_metrics
 
     prev = {"h2d_bytes_total": 0, "h2d_timed_bytes_total": 0, "h2d_seconds_total": 0.0, "d2h_bytes_total": 0,
             "d2h_seconds_total": 0.0, "stall_s_total": 0.0}

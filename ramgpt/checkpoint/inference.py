@@ -23,7 +23,7 @@ def load_model_for_inference(
     tokenizer directory (None if it has none). The model is built on the meta device and the
     loaded tensors are assigned, so a 1B model costs one copy of its weights, not two."""
     from ramgpt.config import profile_from_dict
-    from ramgpt.model import GPT
+    from ramgpt.model import GPT, tied_aliases
 
     loaded = load_checkpoint(path, map_location="cpu", with_optimizer=False)
     cfg_dict = loaded.meta.get("config")
@@ -36,14 +36,14 @@ def load_model_for_inference(
     with torch.device("meta"):
         model = GPT(profile.model, profile.runtime.loss_chunk_tokens)
     state = dict(loaded.model_state)
-    if profile.model.tie_embeddings and "head.lm_head.weight" not in state and "embed.wte.weight" in state:
-        state["head.lm_head.weight"] = state["embed.wte.weight"]
+    for alias, target in tied_aliases(profile.model).items():
+        if alias not in state and target in state:
+            state[alias] = state[target]
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint {loaded.path} does not match its config: {first_line(e)}") from e
-    if profile.model.tie_embeddings:
-        model.head.lm_head.weight = model.embed.wte.weight  # assign=True wrapped them separately
+    model.tie_weights()  # assign=True wrapped them separately
     if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
         raise CheckpointError(f"checkpoint {loaded.path} does not hold every model tensor")
     model.eval()

@@ -113,6 +113,7 @@ class PruneReport:
     partial_removed: list[Path]  # partial step_* dirs and stale .tmp-step_* leftovers
     sizes: dict[Path, int] = field(default_factory=dict)  # bytes of every removed path
     left_alone: list[Path] = field(default_factory=list)  # partial-looking dirs that may not be ours, or in use
+    reasons: dict[Path, str] = field(default_factory=dict)  # why each of partial_removed was not complete
 
 
 
@@ -522,9 +523,11 @@ def prune_checkpoints(
             else:
                 report.partial_removed.append(info.path)
                 report.sizes[info.path] = info.bytes
+                report.reasons[info.path] = info.reason or "incomplete"
         elif not info.path.is_symlink() and _looks_like_ours(info.path):
             report.partial_removed.append(info.path)
             report.sizes[info.path] = info.bytes
+            report.reasons[info.path] = info.reason or "incomplete"
         else:
             report.left_alone.append(info.path)
 

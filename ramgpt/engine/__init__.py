@@ -1,0 +1,43 @@
+"""Execution engines. Both own the fp32 master weights (``engine.model``, a ``ramgpt.model.GPT``)
+and an AdamW over them, and give the training loop the same calls:
+
+- ``train_step(x, y, lr) -> StepReport``: the passes of one optimizer step, then the update.
+- ``eval_loss_sum(x, y) -> float``.
+- ``state_dict()``, ``optimizer_state()``, ``scaler_state()``, ``load_state(...)`` for checkpoints.
+- ``counters() -> dict`` for the live panel (transfer bytes, GB/s, stalls, VRAM).
+
+:mod:`.resident` keeps everything on one device; :mod:`.streamed` keeps fp32 masters and the
+optimizer in CPU RAM and streams bf16 copies of the chunks through the GPU with ramtorch
+(:mod:`.offload` is the only module that imports ramtorch); :mod:`.infer` streams weights for
+generation. Engines take resolved values (a :class:`~ramgpt.placement.Placement`), never a Profile.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ramgpt.engine.base import Engine, StepReport, apply_vram_budget
+from ramgpt.engine.infer import StreamedInferenceModel
+from ramgpt.engine.resident import ResidentEngine
+from ramgpt.engine.streamed import StreamedEngine
+from ramgpt.model import GPT
+from ramgpt.placement import Placement
+
+
+def build_engine(model: GPT, placement: Placement, optim: Any, runtime: Any) -> Engine:
+    """The engine ``placement`` names, with the VRAM budget applied to the allocator first.
+    ``optim`` is the profile's OptimConfig; ``runtime`` its RuntimeConfig (window, pin, checkpointing)."""
+    apply_vram_budget(placement.device, placement.vram_budget_b)
+    if placement.engine == "streamed":
+        return StreamedEngine(model, device=placement.device, precision=placement.precision, optim_cfg=optim,
+                              seqs_per_pass=placement.seqs_per_pass, window=runtime.stream_window,
+                              pin=runtime.stream_pin, vram_budget_b=placement.vram_budget_b,
+                              grad_accum=placement.grad_accum)
+    return ResidentEngine(model, device=placement.device, precision=placement.precision, optim_cfg=optim,
+                          micro_batch_size=placement.seqs_per_pass,
+                          gradient_checkpointing=runtime.gradient_checkpointing and placement.device != "cpu",
+                          vram_budget_b=placement.vram_budget_b)
+
+
+__all__ = ["Engine", "ResidentEngine", "StepReport", "StreamedEngine", "StreamedInferenceModel", "apply_vram_budget",
+           "build_engine"]

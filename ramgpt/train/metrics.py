@@ -1,0 +1,129 @@
+"""The metrics row: what each logged step reports (``metrics.jsonl`` keys, the panel, W&B).
+
+:class:`MetricsLogger` accumulates a window of steps and decides by itself when a row is due
+(``logging.log_interval``, the last step, an evaluation); between rows it sends the sinks a cheap
+``progress`` so the panel's step counter and ETA move every step.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
+"""Dense bf16 tensor-core peaks (FLOP/s) for MFU; unknown cards get no MFU (RAMGPT_PEAK_TFLOPS sets one)."""
+
+
+def flops_per_token(n_params: int, n_layer: int, n_embd: int, seq_len: int) -> float:
+    """6N + 12·L·C·T training FLOPs per token (PaLM appendix B; recompute not counted)."""
+    return 6.0 * n_params + 12.0 * n_layer * n_embd * seq_len
+
+
+def peak_flops(device: str, gpu_name: str | None) -> float | None:
+    env = os.environ.get("RAMGPT_PEAK_TFLOPS")
+    if env:
+        return float(env) * 1e12
+    if not device.startswith("cuda") or not gpu_name:
+        return None
+    return next((v for k, v in _PEAK_FLOPS.items() if k in gpu_name), None)
+
+
+def transfer_metrics(prev: dict[str, float], cur: dict[str, float], steps: int, dt: float) -> dict[str, float]:
+    """Per-step transfer numbers from the engine's running totals (streamed engine only)."""
+    if "h2d_bytes_total" not in cur:
+        return {}
+    out: dict[str, float] = {}
+    for d in ("h2d", "d2h"):
+        b = cur[f"{d}_bytes_total"] - prev.get(f"{d}_bytes_total", 0)
+        s = cur[f"{d}_seconds_total"] - prev.get(f"{d}_seconds_total", 0.0)
+        out[f"{d}_bytes"] = b / max(steps, 1)
+        # the rate counts only the copies that were timed (the engine may move some untimed)
+        timed = f"{d}_timed_bytes_total"
+        tb = cur[timed] - prev.get(timed, 0) if timed in cur else b
+        if s > 0:
+            out[f"{d}_gbps"] = tb / s / 1e9
+    stall = cur["stall_s_total"] - prev.get("stall_s_total", 0.0)
+    out["stall_s"] = stall / max(steps, 1)
+    out["stall_pct"] = 100.0 * stall / dt
+    for part in ("load", "grad"):  # which side the compute thread waited for (metrics.jsonl only)
+        key = f"stall_{part}_s_total"
+        if key in cur:
+            out[f"stall_{part}_pct"] = 100.0 * (cur[key] - prev.get(key, 0.0)) / dt
+    if "link_gbps" in cur:
+        out["link_gbps"] = cur["link_gbps"]
+    return out
+
+
+@dataclass
+class _Window:
+    t: float
+    tokens: int = 0
+    steps: int = 0
+    loss_sum: float = 0.0
+    opt_s: float = 0.0
+
+
+class MetricsLogger:
+    def __init__(self, sink: Any, engine: Any, sysstats: Any, *, max_steps: int, log_interval: int,
+                 flops_per_token: float, peak_flops: float | None, t_start: float, epoch_of: Any) -> None:
+        self.sink = sink
+        self.engine = engine
+        self.sysstats = sysstats
+        self.max_steps = max_steps
+        self.log_interval = log_interval
+        self.fpt = flops_per_token
+        self.peak = peak_flops
+        self.t_start = t_start
+        self.epoch_of = epoch_of  # () -> the epoch being read, 1-based
+        self.window = _Window(time.perf_counter())
+        self.prev_counters = engine.counters()
+
+    def record(self, n_tokens: int, loss: float, optimizer_time_s: float) -> None:
+        w = self.window
+        w.tokens += n_tokens
+        w.steps += 1
+        w.loss_sum += loss
+        w.opt_s += optimizer_time_s
+
+    def maybe_log(self, step: int, tokens_seen: int, loss: float, lr: float, grad_norm: float,
+                  eval_loss: float | None) -> None:
+        """Send a full row when one is due, else a progress tick."""
+        now = time.perf_counter()
+        w = self.window
+        dt = max(now - w.t, 1e-9)
+        eta = (self.max_steps - step) * dt / max(w.steps, 1)
+        if not (step % self.log_interval == 0 or step == self.max_steps or eval_loss is not None):
+            self.sink.progress(step, tokens_seen=tokens_seen, elapsed_s=now - self.t_start, eta_s=eta)
+            return
+        counters = self.engine.counters()
+        row: dict[str, Any] = {
+            "step": step,
+            "max_steps": self.max_steps,
+            "epoch": self.epoch_of(),
+            "tokens_seen": tokens_seen,
+            "elapsed_s": now - self.t_start,
+            "eta_s": eta,
+            "loss": loss,
+            "loss_avg": w.loss_sum / w.steps,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens_per_s": w.tokens / dt,
+            "step_time_s": dt / w.steps,
+            "optimizer_time_s": w.opt_s / w.steps,
+            "optimizer_share": w.opt_s / dt,
+            "device": self.engine.device,
+            "engine": self.engine.name,
+            "seqs_per_pass": self.engine.seqs_per_pass,
+        }
+        if eval_loss is not None:
+            row["eval_loss"] = eval_loss
+        if self.peak:
+            row["mfu"] = self.fpt * w.tokens / dt / self.peak
+        row.update(transfer_metrics(self.prev_counters, counters, w.steps, dt))
+        row.update({k: v for k, v in counters.items() if not k.endswith("_total")})
+        row.update(self.sysstats.sample())
+        self.sink.log(row, step)
+        self.prev_counters = counters
+        self.window = _Window(now)
