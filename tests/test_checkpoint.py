@@ -337,3 +337,36 @@ def test_bad_step_is_rejected(tmp_path: Path) -> None:
     for step in (-1, 10_000_000, 1.5):
         with pytest.raises(CheckpointError, match="step"):
             ck.save_checkpoint(tmp_path, step, {"w": torch.zeros(2)}, None, {})
+
+
+def test_resave_fallback_killed_between_its_two_renames_leaves_the_step_loadable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without RENAME_EXCHANGE a re-save renames the old copy away, then the new one into place.
+    A process killed between the two renames must not lose the step: the next look at the run
+    directory finds the old copy and puts it back."""
+    import os
+
+    monkeypatch.setattr(ck.store, "exchange", lambda a, b: False)
+    ck.save_checkpoint(tmp_path, 5, {"w": torch.zeros(3)}, None, {"v": 1})
+    real_rename = os.rename
+    calls = {"n": 0}
+
+    def killed_after_first_rename(src, dst):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the new copy's rename: the process dies here
+            raise SystemExit("killed")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", killed_after_first_rename)
+    with pytest.raises(SystemExit):
+        ck.save_checkpoint(tmp_path, 5, {"w": torch.ones(3)}, None, {"v": 2})
+    monkeypatch.setattr(os, "rename", real_rename)
+    monkeypatch.setattr(ck.store, "writer_alive", lambda pid, t: False)  # the "killed" writer is this process
+    assert calls["n"] == 2
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = ck.load_checkpoint(tmp_path)
+    assert loaded.step == 5 and loaded.meta["v"] == 1 and torch.equal(loaded.model_state["w"], torch.zeros(3))
+    assert any("recovered step_0000005" in str(w.message) for w in caught)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_0000005"]

@@ -94,3 +94,44 @@ def test_decay_steps_not_larger_than_warmup_does_not_divide_by_zero():
     cfg = cosine(warmup=10, min_lr_ratio=0.1, decay_steps=10)
     assert lr_at(10, PEAK, cfg, max_steps=100) == pytest.approx(PEAK)
     assert lr_at(11, PEAK, cfg, max_steps=100) == pytest.approx(0.1 * PEAK)
+
+
+def _meta_for(profile) -> dict:
+    from ramgpt.schedule import Schedule
+
+    return {"config": profile.to_public_dict(), "schedule": Schedule.from_profile(profile).to_dict()}
+
+
+def test_resume_with_more_steps_continues_the_saved_schedule() -> None:
+    from ramgpt.config import load_profile
+    from ramgpt.schedule import resume_schedule
+
+    saved = load_profile("micro-test", ["optim.max_steps=60", "scheduler.warmup_steps=5"], use_env=False)
+    longer = load_profile("micro-test", ["optim.max_steps=100", "scheduler.warmup_steps=5"], use_env=False)
+    sched, note = resume_schedule(longer, _meta_for(saved))
+    assert sched.decay_end == 60, "max_steps alone must not stretch the cosine"
+    assert sched.lr_at(70) == pytest.approx(saved.optim.lr * saved.scheduler.min_lr_ratio)
+    assert sched.lr_at(60) == pytest.approx(sched.lr_at(61)), "no jump after the saved end"
+    assert note is not None and "continuing the saved schedule" in note and "scheduler.decay_steps" in note
+
+
+def test_a_deliberate_schedule_change_on_resume_is_taken_and_announced() -> None:
+    from ramgpt.config import load_profile
+    from ramgpt.schedule import resume_schedule
+
+    saved = load_profile("micro-test", ["optim.max_steps=60"], use_env=False)
+    changed = load_profile("micro-test", ["optim.max_steps=100", "scheduler.decay_steps=100", "optim.lr=1e-4"],
+                           use_env=False)
+    sched, note = resume_schedule(changed, _meta_for(saved))
+    assert sched.decay_end == 100 and sched.peak_lr == 1e-4
+    assert note is not None and note.startswith("schedule changed on resume") and "step 100" in note
+
+
+def test_resume_of_a_checkpoint_without_a_saved_schedule_uses_its_config() -> None:
+    from ramgpt.config import load_profile
+    from ramgpt.schedule import resume_schedule
+
+    saved = load_profile("micro-test", ["optim.max_steps=40"], use_env=False)
+    meta = {"config": saved.to_public_dict()}  # what checkpoints written before this change hold
+    sched, _ = resume_schedule(load_profile("micro-test", ["optim.max_steps=80"], use_env=False), meta)
+    assert sched.decay_end == 40

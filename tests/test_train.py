@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -324,3 +329,109 @@ def test_transfer_rate_counts_only_timed_copies() -> None:
     assert m["h2d_bytes"] == 15e9 and m["h2d_gbps"] == pytest.approx(40.0)  # 20 GB timed in 0.5 s
     assert m["d2h_bytes"] == 4e9 and m["d2h_gbps"] == pytest.approx(40.0)  # no timed key: all bytes
     assert m["stall_pct"] == pytest.approx(10.0)
+
+
+@pytest.mark.slow
+def test_the_lr_logged_at_every_step_is_the_schedules_value_for_that_step(tmp_path: Path) -> None:
+    from ramgpt.schedule import lr_at
+
+    prof = _profile(tmp_path / "run")
+    train(prof)
+    rows = _rows(tmp_path / "run")
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    for r in rows:
+        assert r["lr"] == lr_at(r["step"], prof.optim.lr, prof.scheduler, prof.optim.max_steps), r["step"]
+
+
+@pytest.mark.slow
+def test_resume_with_a_larger_max_steps_continues_the_saved_schedule(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    first = _profile(run, "optim.max_steps=8")
+    train(first)
+    res = train(_profile(run, "optim.max_steps=12"), resume="latest")
+    rows = {r["step"]: r["lr"] for r in _rows(run)}
+    floor = first.optim.lr * first.scheduler.min_lr_ratio
+    assert rows[8] == pytest.approx(floor) and all(rows[s] == pytest.approx(floor) for s in range(9, 13))
+    assert any("continuing the saved schedule" in n for n in res.notices)
+
+
+@pytest.mark.slow
+def test_rotation_says_when_it_removes_an_incomplete_checkpoint(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train(_profile(run, "optim.max_steps=8"))
+    model = run / "step_0000008" / "model.safetensors"
+    model.write_bytes(model.read_bytes()[:100])  # a truncated newest checkpoint
+    events: list[tuple[str, str]] = []
+
+    class _Events:
+        def log(self, m, s): ...
+        def progress(self, s, **q): ...
+        def event(self, kind, msg):
+            events.append((kind, msg))
+        def close(self): ...
+
+    train(_profile(run, "optim.max_steps=10", "checkpoint.save_interval_steps=3"), resume="latest", sinks=[_Events()])
+    assert any(k == "warning" and "skipping" in m and "step_0000008" in m for k, m in events), events
+    assert any(k == "warning" and "rotation removed step_0000008" in m and "not a complete checkpoint" in m
+               for k, m in events), events
+    assert not (run / "step_0000008").exists()
+
+
+def _cli(*args: str, cwd: Path, prefix: str = "") -> subprocess.Popen:
+    code = prefix + "import runpy, sys; sys.argv = ['ramgpt', *sys.argv[1:]]; runpy.run_module('ramgpt', run_name='__main__')"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    return subprocess.Popen([sys.executable, "-c", code, *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+DROPOUT = ["--set", "model.dropout=0.1", "--set", "checkpoint.save_interval_steps=4", "--set", "logging.log_interval=1",
+           "--set", "logging.eval_interval=6", "--set", "checkpoint.keep_last_n=5", "--no-tui", "--max-steps", "14"]
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_from_a_periodic_checkpoint_with_dropout_is_exact(tmp_path: Path) -> None:
+    """A hard kill (no interrupt save), resumed from an earlier periodic checkpoint: the dropout
+    masks (RNG state), the data position and metrics.jsonl (rows after the checkpoint dropped)
+    must make the run indistinguishable from an uninterrupted one."""
+    full = _cli("train", "--profile", "micro-test", *DROPOUT, "--out-dir", "full", cwd=tmp_path)
+    assert full.wait(timeout=600) == 0, full.stderr.read()
+    # the victim SIGKILLs itself right after step 6 is logged (no interrupt save, no cleanup)
+    kill_at_6 = (
+        "import os, signal; from ramgpt.train import checkpointer as c; real = c.Checkpointer.maybe_save\n"
+        "def maybe_save(self, state, snap):\n"
+        "    if state.step == 6: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return real(self, state, snap)\n"
+        "c.Checkpointer.maybe_save = maybe_save\n"
+    )
+    victim = _cli("train", "--profile", "micro-test", *DROPOUT, "--out-dir", "killed", cwd=tmp_path, prefix=kill_at_6)
+    assert victim.wait(timeout=600) == -signal.SIGKILL
+    rows = tmp_path / "killed" / "metrics.jsonl"
+    saved = sorted(p.name for p in (tmp_path / "killed").glob("step_*"))
+    assert saved == ["step_0000004"], saved
+    logged_before = [json.loads(ln)["step"] for ln in rows.read_text().splitlines() if ln.strip()]
+    assert max(logged_before) > int(saved[-1][5:]), "rows past the checkpoint exist before the resume"
+    resumed = _cli("train", "--profile", "micro-test", *DROPOUT, "--out-dir", "killed", "--resume", "latest",
+                   cwd=tmp_path)
+    assert resumed.wait(timeout=600) == 0, resumed.stderr.read()
+    a, b = _rows(tmp_path / "full"), _rows(tmp_path / "killed")
+    assert [r["step"] for r in b] == list(range(1, 15)), "exactly one metrics.jsonl row per step"
+    assert [r["loss"] for r in b] == [r["loss"] for r in a]
+    assert [r.get("eval_loss") for r in b] == [r.get("eval_loss") for r in a]
+
+
+@pytest.mark.slow
+def test_two_identical_runs_in_separate_processes_are_identical(tmp_path: Path) -> None:
+    """The same training twice, the second with a differently laid-out heap and the CPU busy with
+    another process (what made one of eight runs on a loaded 2-core machine diverge)."""
+    args = ["train", "--profile", "micro-test", "--no-tui", "--max-steps", "12", "--set", "logging.log_interval=1"]
+    a = _cli(*args, "--out-dir", "a", cwd=tmp_path)
+    assert a.wait(timeout=600) == 0, a.stderr.read()
+    load = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        b = _cli(*args, "--out-dir", "b", cwd=tmp_path, prefix="pad = [bytearray(7919 * i) for i in range(1, 40)]; ")
+        assert b.wait(timeout=600) == 0, b.stderr.read()
+    finally:
+        load.kill()
+    ra, rb = _rows(tmp_path / "a"), _rows(tmp_path / "b")
+    assert [r["loss"] for r in ra] == [r["loss"] for r in rb]
+    assert [r.get("eval_loss") for r in ra] == [r.get("eval_loss") for r in rb]

@@ -303,6 +303,7 @@ def list_checkpoints(run_dir: str | os.PathLike[str]) -> list[CheckpointInfo]:
     first, with whether it is complete and why not. Cheap: sizes only, no hashing. A run dir
     that does not exist yet has no checkpoints."""
     run_dir = Path(run_dir)
+    _recover_interrupted_resaves(run_dir)
     infos: list[CheckpointInfo] = []
     now = time.time()
     for path, step, tmp_match in iter_entries(run_dir):
@@ -331,6 +332,32 @@ def list_checkpoints(run_dir: str | os.PathLike[str]) -> list[CheckpointInfo]:
         infos.append(CheckpointInfo(path, step, reason is None, reason, size, eval_loss(meta)))
     infos.sort(key=lambda i: (i.step, i.temporary, i.path.name))
     return infos
+
+
+def _recover_interrupted_resaves(run_dir: Path) -> None:
+    """Undo the one crash window of a re-save without ``RENAME_EXCHANGE``: the old copy was renamed
+    to ``.tmp-step_X-...-old`` and the process died before the new one took ``step_X``. When no
+    ``step_X`` exists, the writer is gone and the old copy is complete, rename it back (atomic), so
+    the step stays loadable. A save in progress is never touched."""
+    steps = {step for _, step, m in iter_entries(run_dir) if m is None}
+    for path, step, m in iter_entries(run_dir):
+        if m is None or m.group(4) != "old" or step in steps:
+            continue
+        try:
+            if writer_alive(int(m.group(2)), os.lstat(path).st_mtime):
+                continue
+        except OSError:
+            continue
+        if check_complete(path, None)[1] is not None:
+            continue
+        try:
+            os.rename(path, run_dir / step_dir_name(step))
+        except OSError:
+            continue  # another process recovered it first, or the directory is read-only
+        fsync_dir(run_dir)
+        steps.add(step)
+        warnings.warn(f"recovered {step_dir_name(step)} from the previous copy of an interrupted re-save",
+                      PartialCheckpointWarning, stacklevel=3)
 
 
 def _warn_skipped(info_path: Path, reason: str | None) -> None:
