@@ -300,6 +300,24 @@ def test_non_byte_level_tokenizer_decodes_in_context():
     assert "".join(pieces) == JA and not any("\ufffd" in p for p in pieces)
 
 
+@pytest.mark.parametrize("byte_level", [True, False])
+def test_flush_returns_everything_held_back(byte_level):
+    # issue #17: on the path without token_bytes, flush once dropped what push had held back;
+    # both paths must give, pieces + flush, exactly the decoded text of every token pushed
+    data = "日本語".encode()
+    for cut in range(1, len(data)):  # the reply ends mid character: held back, then flushed as U+FFFD
+        tok = ChunkTokenizer([data[:cut], data[cut:-1]])
+        tok.is_byte_level = byte_level  # type: ignore[attr-defined]
+        want = data[:-1].decode("utf-8", errors="replace")
+        assert "".join(_stream(tok, [0, 1])) == want and want.endswith("\ufffd")
+    # text held back because it may start a stop string, and was not one
+    tok = ChunkTokenizer([data[:4], data[4:]])
+    tok.is_byte_level = byte_level  # type: ignore[attr-defined]
+    s = Utf8Streamer(tok, stop=["語です"])
+    assert s.push(0) + s.push(1) == "日本"
+    assert s.flush() == "語" and not s.stopped
+
+
 def test_one_byte_per_token_streams_whole_characters():
     tok = ByteTokenizer()
     s = Utf8Streamer(tok)
