@@ -39,6 +39,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ramgpt.errors import ConfigError, OutOfMemoryError, RamgptError, is_out_of_memory
+from ramgpt.fmt import gib
+from ramgpt.probe import Machine
 
 # ----------------------------------------------------------------------------------------------
 # options and errors
@@ -487,8 +489,6 @@ def interactive_loop(
 # ----------------------------------------------------------------------------------------------
 # device choice and model loading
 
-GIB = 2**30
-
 
 def inference_memory_bytes(cfg: Any, dtype_bytes: int) -> int:
     """Rough device memory to generate with a model resident: weights, a full KV cache,
@@ -505,37 +505,48 @@ def inference_memory_bytes(cfg: Any, dtype_bytes: int) -> int:
     return int((weights + kv_cache + activations + logits) * 1.2) + 128 * 2**20
 
 
+@dataclass(frozen=True)
+class InferencePlacement:
+    """Where generation runs: ``choose_device``'s answer."""
+
+    device: str  # "cpu", "cuda" or "cuda:N"
+    streamed: bool  # weights stay in CPU RAM and stream through the GPU (they do not fit it)
+    reason: str  # why, for the one device line on stderr
+
+
 def choose_device(
     requested: str,
     need_bytes: int,
+    machine: Machine,
     *,
-    cuda_available: bool,
     vram_budget_gib: float | None = None,
     free_bytes: int | None = None,
-) -> tuple[str, str]:
-    """Decide where to run -> (device, reason). "auto" takes CUDA when it exists and the model
-    fits the budget (or, without one, the free memory); otherwise the CPU. An explicit CUDA
-    device is an error when CUDA is missing (a silent CPU run would be a surprise)."""
-    need = f"~{need_bytes / GIB:.2f} GiB"
-    if requested == "cpu":
-        return "cpu", "requested"
-    if requested == "cuda" or requested.startswith("cuda:"):
-        if not cuda_available:
-            raise ConfigError(f"--device {requested} was asked for but CUDA is not available; use --device cpu or auto")
-        return requested, f"requested, the model needs {need}"
+) -> InferencePlacement:
+    """Decide where to generate. The device itself is ``placement.resolve_device``'s (so an
+    explicit CUDA device without CUDA is its one-line error naming ``--device``); on top of it,
+    ``auto`` on a GPU keeps the model resident when ``need_bytes`` fits the VRAM budget (capped at
+    the card, ``placement.vram_budget_bytes``) or, without a budget, ``free_bytes`` (the card's
+    total when unknown), and streams the weights from CPU RAM when it does not. An explicit device
+    is taken as asked, resident."""
+    from ramgpt.placement import resolve_device, vram_budget_bytes
+
+    device = resolve_device(requested, machine, option="--device")
+    need = f"~{gib(need_bytes)}"
+    if device == "cpu":
+        return InferencePlacement("cpu", False, "requested" if requested == "cpu" else "no usable CUDA GPU")
     if requested != "auto":
-        raise ConfigError(f"unknown device {requested!r}; use auto, cpu, cuda or cuda:N")
-    if not cuda_available:
-        return "cpu", "CUDA is not available"
-    if vram_budget_gib is not None:
-        room, what = vram_budget_gib * GIB, "the VRAM budget"
+        return InferencePlacement(device, False, f"requested, the model needs {need}")
+    budget = vram_budget_bytes(vram_budget_gib, device, machine)
+    if budget is not None:
+        room, what = budget, "the VRAM budget"
     else:
-        room, what = float(free_bytes or 0), "free GPU memory"
+        gpu = machine.gpu(device)
+        room = free_bytes if free_bytes is not None else (gpu.total_b if gpu is not None else 0)
+        what = "free GPU memory"
     if need_bytes <= room:
-        return "cuda", f"the model needs {need} of {room / GIB:.2f} GiB {what}"
-    return (
-        "cpu",
-        f"the model needs {need} but {what} is {room / GIB:.2f} GiB",
+        return InferencePlacement(device, False, f"the model needs {need} of {gib(room)} {what}")
+    return InferencePlacement(
+        device, True, f"the model needs {need} but {what} is {gib(room)}: weights stream from CPU RAM"
     )
 
 
@@ -553,45 +564,40 @@ class LoadedModel:
 def _load_model(path: Path, device: str, vram_budget_gib: float | None) -> LoadedModel:
     """Load a checkpoint for generation and place it on a device.
 
-    The swap point for the engine owner: streamed inference for models that do not fit the GPU
-    replaces this function (same arguments, same ``LoadedModel``). Here the weights load on the
-    CPU, the device is chosen from their size, then the model moves there whole: CUDA runs in the
-    profile's precision (bf16/fp16 on auto), the CPU always in float32."""
+    The weights load on the CPU, ``choose_device`` decides from their size, then the model moves
+    there whole (CUDA in the profile's precision, ``placement.resolve_precision``; the CPU always
+    in float32), or stays in CPU RAM and streams through the GPU (``engine.StreamedInferenceModel``)."""
     from ramgpt.checkpoint import load_model_for_inference
-    from ramgpt.placement import resolve_precision
+    from ramgpt.placement import resolve_device, resolve_precision
     from ramgpt.probe import probe_machine
 
+    machine = probe_machine()
+    resolve_device(device, machine, option="--device")  # a bad --device fails before the load
     model, profile, tokenizer_dir = load_model_for_inference(path, "cpu")
-    cuda = torch.cuda.is_available()
     half = profile.runtime.precision != "fp32"
     need = inference_memory_bytes(profile.model, 2 if half else 4)
     free = None
-    if cuda and device == "auto" and vram_budget_gib is None:
+    if machine.cuda and device == "auto" and vram_budget_gib is None:
         free = torch.cuda.mem_get_info()[0]
-    dev, why = choose_device(device, need, cuda_available=cuda, vram_budget_gib=vram_budget_gib, free_bytes=free)
-    # a CUDA machine whose budget is too small for the weights streams them from CPU RAM
-    stream = cuda and dev == "cpu" and device == "auto"
-    if stream:
-        dev = "cuda"
-    dtype = torch.float32
+    where = choose_device(device, need, machine, vram_budget_gib=vram_budget_gib, free_bytes=free)
+    dev = where.device
+    dtype = torch.float32  # the CPU always runs float32 (resolve_precision would keep a bf16 profile's bf16)
     if dev != "cpu":
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
-            resolve_precision(profile.runtime.precision, dev, probe_machine()), torch.float32
-        )
-    if stream:
+        precision = resolve_precision(profile.runtime.precision, dev, machine)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    dtype_name = str(dtype).removeprefix("torch.")
+    notice = f"device: {dev} ({dtype_name}; {where.reason}); checkpoint: {path}"
+    if where.streamed:
         from ramgpt.engine import StreamedInferenceModel, apply_vram_budget
 
         apply_vram_budget(dev, vram_budget_gib)
         streamed = StreamedInferenceModel(model, device=dev, dtype=dtype).eval()
-        dtype_name = str(dtype).removeprefix("torch.")
-        notice = f"device: {dev} ({dtype_name}; {why}: weights stream from CPU RAM); checkpoint: {path}"
         return LoadedModel(streamed, profile, tokenizer_dir, dev, notice)
     try:
         model = model.to(device=dev, dtype=dtype).eval()
     except torch.cuda.OutOfMemoryError as e:
-        raise OutOfMemoryError(f"the model does not fit on {dev} (needs {need / GIB:.2f} GiB); use --device cpu") from e
-    dtype_name = str(dtype).removeprefix("torch.")
-    return LoadedModel(model, profile, tokenizer_dir, dev, f"device: {dev} ({dtype_name}; {why}); checkpoint: {path}")
+        raise OutOfMemoryError(f"the model does not fit on {dev} (needs {gib(need)}); use --device cpu") from e
+    return LoadedModel(model, profile, tokenizer_dir, dev, notice)
 
 
 def _load_tokenizer(spec: str | None, loaded: LoadedModel) -> TokenizerLike:
@@ -675,6 +681,7 @@ def run_generate(
 
 __all__ = [
     "GenerateOptions",
+    "InferencePlacement",
     "LoadedModel",
     "PromptTooLongError",
     "StopStringFilter",

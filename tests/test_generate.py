@@ -1,9 +1,8 @@
 """Generation: sampling functions, KV cache vs full recompute, UTF-8 streaming for Japanese, stop
-strings, the interactive loop, device choice, and (when checkpoint/tokenizer exist) the CLI."""
+strings, the interactive loop, device choice, and the CLI."""
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import math
 import sys
@@ -33,6 +32,7 @@ from ramgpt.generate import (
     top_p_filter,
 )
 from ramgpt.model import GPT, count_parameters_by_component
+from ramgpt.probe import Gpu, Machine
 
 JA = "こんにちは、世界！日本語の文章です。🎌テスト"
 GREEDY = GenerateOptions(temperature=0.0, repetition_penalty=1.0, top_k=None, top_p=None, max_new_tokens=8)
@@ -456,20 +456,45 @@ def test_an_error_for_one_prompt_does_not_end_the_session():
 
 
 # -- device choice --------------------------------------------------------------------------------
-def test_choose_device():
-    gib = 2**30
-    assert choose_device("auto", gib, cuda_available=False)[0] == "cpu"
-    assert choose_device("auto", gib, cuda_available=True, free_bytes=2 * gib)[0] == "cuda"
-    dev, why = choose_device("auto", 3 * gib, cuda_available=True, free_bytes=2 * gib)
-    assert dev == "cpu" and "3.00 GiB" in why
-    assert choose_device("auto", 3 * gib, cuda_available=True, vram_budget_gib=4, free_bytes=0)[0] == "cuda"
-    assert choose_device("auto", 3 * gib, cuda_available=True, vram_budget_gib=2, free_bytes=80 * gib)[0] == "cpu"
-    assert choose_device("cpu", gib, cuda_available=True)[0] == "cpu"
-    assert choose_device("cuda:1", 99 * gib, cuda_available=True)[0] == "cuda:1"
-    with pytest.raises(ConfigError):
-        choose_device("cuda", gib, cuda_available=False)
-    with pytest.raises(ConfigError):
-        choose_device("tpu", gib, cuda_available=True)
+GIB = 2**30
+CPU_ONLY = Machine(gpus=())
+ONE_GPU = Machine(gpus=(Gpu(0, "card", 8 * GIB, True),))
+TWO_GPUS = Machine(gpus=(Gpu(0, "card", 8 * GIB, True), Gpu(1, "card", 8 * GIB, True)))
+
+
+def test_choose_device_without_cuda():
+    assert choose_device("auto", GIB, CPU_ONLY) == choose_device("auto", 99 * GIB, CPU_ONLY)
+    where = choose_device("auto", GIB, CPU_ONLY)
+    assert (where.device, where.streamed) == ("cpu", False) and "no usable CUDA" in where.reason
+    assert choose_device("cpu", GIB, ONE_GPU).device == "cpu"
+    # an explicit CUDA device is placement's one-line error naming the option, never a CPU run
+    for requested in ("cuda", "cuda:0"):
+        with pytest.raises(ConfigError) as ei:
+            choose_device(requested, GIB, CPU_ONLY)
+        assert "--device" in str(ei.value) and "\n" not in str(ei.value)
+    with pytest.raises(ConfigError, match="--device"):
+        choose_device("tpu", GIB, ONE_GPU)
+
+
+def test_choose_device_auto_on_a_gpu_keeps_the_model_resident_only_when_it_fits():
+    def where(need_gib, **kw):
+        w = choose_device("auto", int(need_gib * GIB), ONE_GPU, **kw)
+        return w.device, w.streamed
+
+    assert where(1, free_bytes=2 * GIB) == ("cuda", False)
+    assert where(3, free_bytes=2 * GIB) == ("cuda", True)  # streams from CPU RAM
+    assert "3.00 GiB" in choose_device("auto", 3 * GIB, ONE_GPU, free_bytes=2 * GIB).reason
+    assert where(3, vram_budget_gib=4, free_bytes=0) == ("cuda", False)  # a budget overrides free memory
+    assert where(3, vram_budget_gib=2, free_bytes=80 * GIB) == ("cuda", True)
+    assert where(9, vram_budget_gib=64) == ("cuda", True)  # the budget is capped at the 8 GiB card
+    assert where(7) == ("cuda", False)  # free memory unknown: the card's total
+
+
+def test_choose_device_explicit_cuda_is_taken_as_asked():
+    w = choose_device("cuda:1", 99 * GIB, TWO_GPUS)
+    assert (w.device, w.streamed) == ("cuda:1", False)
+    with pytest.raises(ConfigError, match="cuda:1"):
+        choose_device("cuda:1", GIB, ONE_GPU)
 
 
 def test_inference_memory_estimate_covers_the_weights():
@@ -485,9 +510,6 @@ def test_errors_are_ramgpt_errors():
 
 
 # -- end to end through the CLI -------------------------------------------------------------------
-_HAVE_CKPT = importlib.util.find_spec("ramgpt.checkpoint") is not None
-_HAVE_TOK = importlib.util.find_spec("ramgpt.tokenizer") is not None
-needs_ckpt = pytest.mark.skipif(not _HAVE_CKPT, reason="ramgpt.checkpoint not written yet")
 
 
 class SavableByteTokenizer(ByteTokenizer):
@@ -534,7 +556,6 @@ def _cli(args: list[str], input: str | None = None):
     return CliRunner().invoke(app, ["generate", *args], input=input)
 
 
-@needs_ckpt
 def test_cli_one_shot_prints_seed_and_reproduces(tmp_path, fake_tokenizer_module):
     run = _tiny_run(tmp_path)
     args = ["-c", str(run), "-p", "こんにちは", "-n", "12", "--device", "cpu"]
@@ -548,7 +569,6 @@ def test_cli_one_shot_prints_seed_and_reproduces(tmp_path, fake_tokenizer_module
     assert fake_tokenizer_module == ["embedded", "embedded"]  # no tokenizer/ dir: the profile's
 
 
-@needs_ckpt
 def test_cli_tokenizer_lookup_order(tmp_path, fake_tokenizer_module):
     run = _tiny_run(tmp_path, tokenizer=SavableByteTokenizer())
     assert _cli(["-c", str(run), "-p", "a", "-n", "2", "--device", "cpu"]).exit_code == 0
@@ -556,7 +576,6 @@ def test_cli_tokenizer_lookup_order(tmp_path, fake_tokenizer_module):
     assert fake_tokenizer_module == [str(run / "step_0000003" / "tokenizer"), "mine"]
 
 
-@needs_ckpt
 def test_cli_interactive_with_piped_stdin(tmp_path, fake_tokenizer_module):
     run = _tiny_run(tmp_path)
     base = ["-c", str(run), "-n", "4", "--temperature", "0", "--device", "cpu"]
@@ -569,7 +588,6 @@ def test_cli_interactive_with_piped_stdin(tmp_path, fake_tokenizer_module):
     assert "> " not in result.stdout
 
 
-@needs_ckpt
 def test_cli_errors_are_one_line(tmp_path, fake_tokenizer_module):
     run = _tiny_run(tmp_path)
     result = _cli(["-c", str(run), "-p", "x" * 65, "--device", "cpu"])
@@ -582,10 +600,20 @@ def test_cli_errors_are_one_line(tmp_path, fake_tokenizer_module):
     assert result.exit_code == 2 and "257" in result.stderr
 
 
-needs_tok = pytest.mark.skipif(not _HAVE_TOK, reason="ramgpt.tokenizer not written yet")
+def test_cli_explicit_cuda_without_cuda_is_one_line(tmp_path, fake_tokenizer_module, monkeypatch):
+    import ramgpt.probe
+
+    monkeypatch.setattr(ramgpt.probe, "probe_machine", lambda: Machine(gpus=()))
+    run = _tiny_run(tmp_path)
+    for device in ("cuda", "cuda:0"):
+        result = _cli(["-c", str(run), "-p", "x", "--device", device])
+        assert result.exit_code == 2, result.output
+        assert result.stdout == "" and len(result.stderr.strip().splitlines()) == 1
+        assert "--device" in result.stderr and "no usable CUDA GPU" in result.stderr
+    result = _cli(["-c", str(run), "-p", "x", "-n", "2"])  # auto falls back to the CPU and says why
+    assert result.exit_code == 0 and "device: cpu (float32; no usable CUDA GPU)" in result.stderr
 
 
-@needs_tok
 def test_real_embedded_tokenizer_streams_japanese_whole():
     from ramgpt.tokenizer import load_tokenizer
 
@@ -603,8 +631,6 @@ def test_real_embedded_tokenizer_streams_japanese_whole():
     assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
 
 
-@needs_ckpt
-@needs_tok
 def test_cli_with_the_real_embedded_tokenizer(tmp_path):
     from ramgpt.tokenizer import load_tokenizer
 
