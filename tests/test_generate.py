@@ -684,6 +684,7 @@ def _cli(args: list[str], input: str | None = None):
     return CliRunner().invoke(app, ["generate", *args], input=input)
 
 
+@pytest.mark.slow  # end to end: a checkpoint on disk, whole CLI runs
 def test_cli_one_shot_prints_seed_and_reproduces(tmp_path, fake_tokenizer_module):
     run = _tiny_run(tmp_path)
     args = ["-c", str(run), "-p", "こんにちは", "-n", "12", "--device", "cpu"]
@@ -697,6 +698,7 @@ def test_cli_one_shot_prints_seed_and_reproduces(tmp_path, fake_tokenizer_module
     assert fake_tokenizer_module == ["embedded", "embedded"]  # no tokenizer/ dir: the profile's
 
 
+@pytest.mark.slow  # end to end: a checkpoint on disk, whole CLI runs
 def test_cli_tokenizer_lookup_order(tmp_path, fake_tokenizer_module):
     run = _tiny_run(tmp_path, tokenizer=SavableByteTokenizer())
     assert _cli(["-c", str(run), "-p", "a", "-n", "2", "--device", "cpu"]).exit_code == 0
@@ -704,6 +706,7 @@ def test_cli_tokenizer_lookup_order(tmp_path, fake_tokenizer_module):
     assert fake_tokenizer_module == [str(run / "step_0000003" / "tokenizer"), "mine"]
 
 
+@pytest.mark.slow  # end to end: a checkpoint on disk, whole CLI runs
 def test_cli_interactive_with_piped_stdin(tmp_path, fake_tokenizer_module):
     run = _tiny_run(tmp_path)
     base = ["-c", str(run), "-n", "4", "--temperature", "0", "--device", "cpu"]
@@ -787,6 +790,7 @@ def test_real_embedded_tokenizer_streams_japanese_whole():
     assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
 
 
+@pytest.mark.slow  # end to end: a checkpoint on disk, whole CLI runs
 def test_cli_with_the_real_embedded_tokenizer(tmp_path):
     from ramgpt.tokenizer import load_tokenizer
 
