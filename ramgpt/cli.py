@@ -153,6 +153,14 @@ def generate(
     vram_budget_gib: Annotated[
         float | None, typer.Option("--vram-budget-gib", min=0.1, help="Stream weights when they do not fit this budget.")
     ] = None,
+    valid_utf8: Annotated[
+        bool,
+        typer.Option(
+            "--valid-utf8/--no-valid-utf8",
+            help="Sample only tokens that keep the reply valid UTF-8 (no U+FFFD from a stray byte token). "
+            "Byte-level tokenizers only; no effect on others.",
+        ),
+    ] = True,
 ) -> None:
     """Generate text from a checkpoint, one-shot (-p) or interactive (-i)."""
     from ramgpt.generate import GenerateOptions, run_generate
@@ -167,6 +175,7 @@ def generate(
         repetition_penalty=repetition_penalty,
         stop=tuple(stop or ()),
         seed=seed,
+        valid_utf8=valid_utf8,
     )
     run_generate(
         checkpoint,

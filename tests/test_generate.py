@@ -1,9 +1,8 @@
-"""Generation: sampling functions, KV cache vs full recompute, UTF-8 streaming for Japanese, stop
-strings, the interactive loop, device choice, and (when checkpoint/tokenizer exist) the CLI."""
+"""Generation: sampling functions, the valid-UTF-8 mask, KV cache vs full recompute, UTF-8
+streaming for Japanese, stop strings, the interactive loop, device choice, and the CLI."""
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import math
 import sys
@@ -27,12 +26,17 @@ from ramgpt.generate import (
     generate_tokens,
     inference_memory_bytes,
     interactive_loop,
+    mask_invalid_utf8,
     sample_next,
     stream_text,
     top_k_filter,
     top_p_filter,
+    utf8_table_for,
+    utf8_token_table,
+    valid_utf8_mask,
 )
 from ramgpt.model import GPT, count_parameters_by_component
+from ramgpt.probe import Gpu, Machine
 
 JA = "こんにちは、世界！日本語の文章です。🎌テスト"
 GREEDY = GenerateOptions(temperature=0.0, repetition_penalty=1.0, top_k=None, top_p=None, max_new_tokens=8)
@@ -185,6 +189,130 @@ def test_options_validate_early():
     assert GenerateOptions(stop=["a"]).stop == ("a",)  # type: ignore[arg-type]
 
 
+# -- sampling only valid UTF-8 --------------------------------------------------------------------
+# a tiny byte-level vocabulary: ids name what the tokens are
+TINY = [b"a", b"\xe3", b"\x81", b"\x82", b"\xff", b"\xe3\x81", b"\x81\x82", b"\x82a", b"\xc0\x80", b"\xed\xa0", b""]
+A, E3, X81, X82, FF, E3_81, X81_82, X82_A, OVERLONG, SURROGATE, EOS = range(len(TINY))
+
+
+def _allowed(table, state, **kw) -> set[int]:
+    return set(torch.nonzero(valid_utf8_mask(table, state, **kw)).flatten().tolist())
+
+
+def _kept(logits: torch.Tensor) -> set[int]:
+    return set(torch.nonzero(torch.isfinite(logits)).flatten().tolist())
+
+
+def test_valid_utf8_mask_only_lets_tokens_continue_or_start_a_character():
+    t = utf8_token_table(TINY, end_ids=[EOS])
+    nothing = t.state_after([])
+    # nothing pending: no lone continuation byte, no invalid lead byte (FF, overlong C0, surrogate ED A0)
+    assert _allowed(t, nothing) == {A, E3, E3_81, EOS}
+    after_e3 = t.state_after([E3])  # E3 needs two continuation bytes
+    assert _allowed(t, after_e3) == {X81, X82, X81_82}  # not "a", not a new lead, not EOS
+    after_e3_81 = t.state_after([E3, X81])  # one more
+    assert _allowed(t, after_e3_81) == {X81, X82, X82_A}  # X81_82 would leave a lone 82
+    assert t.state_after([E3, X81, X82]) == nothing == t.state_after([E3_81, X82_A])
+    # the same through the logits: the rest become -inf, kept logits keep their values
+    logits = torch.arange(len(TINY) + 2, dtype=torch.float32)  # two padded embedding rows
+    out = mask_invalid_utf8(logits, t, after_e3)
+    assert _kept(out) == {X81, X82, X81_82} and out[X81] == logits[X81]
+    assert torch.isfinite(logits).all()  # input untouched
+    assert _kept(mask_invalid_utf8(logits, t, nothing)) == {A, E3, E3_81, EOS}  # padded rows masked
+
+
+def test_valid_utf8_mask_ends_the_reply_on_a_whole_character():
+    t = utf8_token_table(TINY, end_ids=[EOS])
+    logits = torch.zeros(len(TINY))
+    nothing, after_e3 = t.state_after([]), t.state_after([E3])
+    # the last token may not open a character; the one before may leave at most one byte pending
+    assert _kept(mask_invalid_utf8(logits, t, nothing, remaining=1)) == {A, EOS}
+    assert _kept(mask_invalid_utf8(logits, t, nothing, remaining=2)) == {A, E3_81, EOS}
+    assert _kept(mask_invalid_utf8(logits, t, nothing, remaining=3)) == {A, E3, E3_81, EOS}
+    assert _kept(mask_invalid_utf8(logits, t, after_e3, remaining=1)) == {X81_82}
+    # nothing can finish in time: the plain rule still holds (the reply is cut, never invalid)
+    t2 = utf8_token_table([b"a", b"\xe3", b"\x81"])
+    assert _kept(mask_invalid_utf8(torch.zeros(3), t2, t2.state_after([1]), remaining=1)) == {2}
+    # only already -inf logits left under the rule: leave the row alone rather than sample from nothing
+    blocked = torch.tensor([0.0, 0.0, float("-inf")])
+    assert _kept(mask_invalid_utf8(blocked, t2, t2.state_after([1]))) == {0, 1}
+
+
+def _valid_prefix(data: bytes) -> bool:
+    """Python's own decoder as the reference: valid, or only cut short at the end."""
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return e.reason == "unexpected end of data" and e.end == len(data)
+    return True
+
+
+def test_utf8_table_agrees_with_pythons_decoder():
+    # every byte alone, and pairs and triples of the bytes at the edges of UTF-8's ranges
+    edges = [0x00, 0x41, 0x7F, 0x80, 0x8F, 0x90, 0x9F, 0xA0, 0xBF, 0xC0, 0xC1, 0xC2, 0xDF, 0xE0, 0xE1, 0xEC, 0xED]
+    edges += [0xEE, 0xEF, 0xF0, 0xF1, 0xF3, 0xF4, 0xF5, 0xFF]
+    tokens = [bytes([i]) for i in range(256)] + [bytes([i, j]) for i in edges for j in edges]
+    tokens += [bytes([i, j, k]) for i in edges for j in edges for k in edges]
+    t = utf8_token_table(tokens)
+    # one pending sequence of every kind, including the four leads with a narrowed second byte
+    for pending in (b"", b"\xc3", b"\xe3", b"\xe0", b"\xed", b"\xef\xbf", b"\xf0", b"\xf1", b"\xf4", b"\xf0\x9f\x98"):
+        state = t.state_after(tokens.index(bytes([b])) for b in pending)
+        ok = valid_utf8_mask(t, state).tolist()
+        wrong = [tok for tok, got in zip(tokens, ok, strict=True) if got != _valid_prefix(pending + tok)]
+        assert wrong == [], (pending, wrong[:5])
+
+
+def test_utf8_table_is_built_once_per_byte_level_tokenizer_and_not_for_others():
+    tok = ByteTokenizer()
+    assert utf8_table_for(tok) is utf8_table_for(tok)
+    assert utf8_table_for(tok).vocab_size == 257
+    data = JA.encode("utf-8")
+    other = ChunkTokenizer([data[:4], data[4:]])
+    other.is_byte_level = False  # type: ignore[attr-defined]
+    assert utf8_table_for(other) is None
+    assert utf8_table_for(ChunkTokenizer([data[:4], data[4:]], with_token_bytes=False)) is None
+
+
+class RandomLogitsModel:
+    """Logits drawn at random each step (a seeded, untrained model at its worst)."""
+
+    def __init__(self, vocab_size: int, seed: int, eos_id: int | None = None) -> None:
+        self.cfg = _Cfg(1024, vocab_size)
+        self.g = torch.Generator().manual_seed(seed)
+        self.eos_id = eos_id
+
+    def forward_logits(self, idx, kv_caches=None, pos_offset=0):
+        logits = torch.randn(idx.shape[0], self.cfg.vocab_size, generator=self.g) * 3.0
+        if self.eos_id is not None:
+            logits[:, self.eos_id] = float("-inf")  # long replies: more chances to go wrong
+        return logits, ["cache"]
+
+
+def test_random_logits_with_the_embedded_tokenizer_never_give_invalid_utf8():
+    from ramgpt.tokenizer import load_tokenizer
+
+    tok = load_tokenizer("embedded")
+    results = {}
+    for valid in (True, False):
+        opts = GenerateOptions(temperature=1.0, top_k=None, top_p=None, max_new_tokens=30, valid_utf8=valid)
+        replies, invalid = [], 0
+        for seed in range(6):
+            model = RandomLogitsModel(tok.vocab_size + 64, seed, tok.eos_id)  # padded embedding rows
+            utf8 = utf8_table_for(tok) if valid else None
+            ids = list(generate_tokens(model, [tok.eos_id], opts, tok.eos_id, vocab_limit=tok.vocab_size, utf8=utf8))
+            assert len(ids) == 30
+            try:  # strict: the whole reply is valid UTF-8 and ends on a whole character
+                tok.token_bytes(ids).decode("utf-8")
+            except UnicodeDecodeError:
+                invalid += 1
+            # the same through stream_text, which builds the table itself from the option
+            replies.append(generate_text(RandomLogitsModel(tok.vocab_size + 64, seed, tok.eos_id), tok, "", opts))
+        results[valid] = (invalid, sum("\ufffd" in r for r in replies))
+    assert results[True] == (0, 0)
+    # the same sampling without the mask: stray byte tokens show as U+FFFD
+    assert results[False][0] >= 3 and results[False][1] >= 3, results
+
+
 # -- token generation -----------------------------------------------------------------------------
 def _reference_greedy(model: GPT, prompt: list[int], n: int, penalty: float = 1.0) -> list[int]:
     """No cache: recompute the whole (window of the) context every step, same window policy."""
@@ -298,6 +426,24 @@ def test_non_byte_level_tokenizer_decodes_in_context():
     tok.token_bytes = lambda ids: tok.decode(ids).encode("utf-8")
     pieces = _stream(tok, [0, 1, 2])
     assert "".join(pieces) == JA and not any("\ufffd" in p for p in pieces)
+
+
+@pytest.mark.parametrize("byte_level", [True, False])
+def test_flush_returns_everything_held_back(byte_level):
+    # issue #17: on the path without token_bytes, flush once dropped what push had held back;
+    # both paths must give, pieces + flush, exactly the decoded text of every token pushed
+    data = "日本語".encode()
+    for cut in range(1, len(data)):  # the reply ends mid character: held back, then flushed as U+FFFD
+        tok = ChunkTokenizer([data[:cut], data[cut:-1]])
+        tok.is_byte_level = byte_level  # type: ignore[attr-defined]
+        want = data[:-1].decode("utf-8", errors="replace")
+        assert "".join(_stream(tok, [0, 1])) == want and want.endswith("\ufffd")
+    # text held back because it may start a stop string, and was not one
+    tok = ChunkTokenizer([data[:4], data[4:]])
+    tok.is_byte_level = byte_level  # type: ignore[attr-defined]
+    s = Utf8Streamer(tok, stop=["語です"])
+    assert s.push(0) + s.push(1) == "日本"
+    assert s.flush() == "語" and not s.stopped
 
 
 def test_one_byte_per_token_streams_whole_characters():
@@ -438,20 +584,45 @@ def test_an_error_for_one_prompt_does_not_end_the_session():
 
 
 # -- device choice --------------------------------------------------------------------------------
-def test_choose_device():
-    gib = 2**30
-    assert choose_device("auto", gib, cuda_available=False)[0] == "cpu"
-    assert choose_device("auto", gib, cuda_available=True, free_bytes=2 * gib)[0] == "cuda"
-    dev, why = choose_device("auto", 3 * gib, cuda_available=True, free_bytes=2 * gib)
-    assert dev == "cpu" and "3.00 GiB" in why
-    assert choose_device("auto", 3 * gib, cuda_available=True, vram_budget_gib=4, free_bytes=0)[0] == "cuda"
-    assert choose_device("auto", 3 * gib, cuda_available=True, vram_budget_gib=2, free_bytes=80 * gib)[0] == "cpu"
-    assert choose_device("cpu", gib, cuda_available=True)[0] == "cpu"
-    assert choose_device("cuda:1", 99 * gib, cuda_available=True)[0] == "cuda:1"
-    with pytest.raises(ConfigError):
-        choose_device("cuda", gib, cuda_available=False)
-    with pytest.raises(ConfigError):
-        choose_device("tpu", gib, cuda_available=True)
+GIB = 2**30
+CPU_ONLY = Machine(gpus=())
+ONE_GPU = Machine(gpus=(Gpu(0, "card", 8 * GIB, True),))
+TWO_GPUS = Machine(gpus=(Gpu(0, "card", 8 * GIB, True), Gpu(1, "card", 8 * GIB, True)))
+
+
+def test_choose_device_without_cuda():
+    assert choose_device("auto", GIB, CPU_ONLY) == choose_device("auto", 99 * GIB, CPU_ONLY)
+    where = choose_device("auto", GIB, CPU_ONLY)
+    assert (where.device, where.streamed) == ("cpu", False) and "no usable CUDA" in where.reason
+    assert choose_device("cpu", GIB, ONE_GPU).device == "cpu"
+    # an explicit CUDA device is placement's one-line error naming the option, never a CPU run
+    for requested in ("cuda", "cuda:0"):
+        with pytest.raises(ConfigError) as ei:
+            choose_device(requested, GIB, CPU_ONLY)
+        assert "--device" in str(ei.value) and "\n" not in str(ei.value)
+    with pytest.raises(ConfigError, match="--device"):
+        choose_device("tpu", GIB, ONE_GPU)
+
+
+def test_choose_device_auto_on_a_gpu_keeps_the_model_resident_only_when_it_fits():
+    def where(need_gib, **kw):
+        w = choose_device("auto", int(need_gib * GIB), ONE_GPU, **kw)
+        return w.device, w.streamed
+
+    assert where(1, free_bytes=2 * GIB) == ("cuda", False)
+    assert where(3, free_bytes=2 * GIB) == ("cuda", True)  # streams from CPU RAM
+    assert "3.00 GiB" in choose_device("auto", 3 * GIB, ONE_GPU, free_bytes=2 * GIB).reason
+    assert where(3, vram_budget_gib=4, free_bytes=0) == ("cuda", False)  # a budget overrides free memory
+    assert where(3, vram_budget_gib=2, free_bytes=80 * GIB) == ("cuda", True)
+    assert where(9, vram_budget_gib=64) == ("cuda", True)  # the budget is capped at the 8 GiB card
+    assert where(7) == ("cuda", False)  # free memory unknown: the card's total
+
+
+def test_choose_device_explicit_cuda_is_taken_as_asked():
+    w = choose_device("cuda:1", 99 * GIB, TWO_GPUS)
+    assert (w.device, w.streamed) == ("cuda:1", False)
+    with pytest.raises(ConfigError, match="cuda:1"):
+        choose_device("cuda:1", GIB, ONE_GPU)
 
 
 def test_inference_memory_estimate_covers_the_weights():
@@ -467,9 +638,6 @@ def test_errors_are_ramgpt_errors():
 
 
 # -- end to end through the CLI -------------------------------------------------------------------
-_HAVE_CKPT = importlib.util.find_spec("ramgpt.checkpoint") is not None
-_HAVE_TOK = importlib.util.find_spec("ramgpt.tokenizer") is not None
-needs_ckpt = pytest.mark.skipif(not _HAVE_CKPT, reason="ramgpt.checkpoint not written yet")
 
 
 class SavableByteTokenizer(ByteTokenizer):
@@ -516,7 +684,7 @@ def _cli(args: list[str], input: str | None = None):
     return CliRunner().invoke(app, ["generate", *args], input=input)
 
 
-@needs_ckpt
+@pytest.mark.slow  # end to end: a checkpoint on disk, whole CLI runs
 def test_cli_one_shot_prints_seed_and_reproduces(tmp_path, fake_tokenizer_module):
     run = _tiny_run(tmp_path)
     args = ["-c", str(run), "-p", "こんにちは", "-n", "12", "--device", "cpu"]
@@ -530,7 +698,7 @@ def test_cli_one_shot_prints_seed_and_reproduces(tmp_path, fake_tokenizer_module
     assert fake_tokenizer_module == ["embedded", "embedded"]  # no tokenizer/ dir: the profile's
 
 
-@needs_ckpt
+@pytest.mark.slow  # end to end: a checkpoint on disk, whole CLI runs
 def test_cli_tokenizer_lookup_order(tmp_path, fake_tokenizer_module):
     run = _tiny_run(tmp_path, tokenizer=SavableByteTokenizer())
     assert _cli(["-c", str(run), "-p", "a", "-n", "2", "--device", "cpu"]).exit_code == 0
@@ -538,7 +706,7 @@ def test_cli_tokenizer_lookup_order(tmp_path, fake_tokenizer_module):
     assert fake_tokenizer_module == [str(run / "step_0000003" / "tokenizer"), "mine"]
 
 
-@needs_ckpt
+@pytest.mark.slow  # end to end: a checkpoint on disk, whole CLI runs
 def test_cli_interactive_with_piped_stdin(tmp_path, fake_tokenizer_module):
     run = _tiny_run(tmp_path)
     base = ["-c", str(run), "-n", "4", "--temperature", "0", "--device", "cpu"]
@@ -551,7 +719,6 @@ def test_cli_interactive_with_piped_stdin(tmp_path, fake_tokenizer_module):
     assert "> " not in result.stdout
 
 
-@needs_ckpt
 def test_cli_errors_are_one_line(tmp_path, fake_tokenizer_module):
     run = _tiny_run(tmp_path)
     result = _cli(["-c", str(run), "-p", "x" * 65, "--device", "cpu"])
@@ -564,10 +731,48 @@ def test_cli_errors_are_one_line(tmp_path, fake_tokenizer_module):
     assert result.exit_code == 2 and "257" in result.stderr
 
 
-needs_tok = pytest.mark.skipif(not _HAVE_TOK, reason="ramgpt.tokenizer not written yet")
+def test_cli_help_names_the_utf8_option():
+    from typer.testing import CliRunner
+
+    from ramgpt.cli import app
+
+    result = CliRunner().invoke(app, ["generate", "--help"], env={"COLUMNS": "200", "NO_COLOR": "1"})
+    assert result.exit_code == 0
+    assert "--no-valid-utf8" in result.stdout and "U+FFFD" in result.stdout
 
 
-@needs_tok
+def test_cli_explicit_cuda_without_cuda_is_one_line(tmp_path, fake_tokenizer_module, monkeypatch):
+    import ramgpt.probe
+
+    monkeypatch.setattr(ramgpt.probe, "probe_machine", lambda: Machine(gpus=()))
+    run = _tiny_run(tmp_path)
+    for device in ("cuda", "cuda:0"):
+        result = _cli(["-c", str(run), "-p", "x", "--device", device])
+        assert result.exit_code == 2, result.output
+        assert result.stdout == "" and len(result.stderr.strip().splitlines()) == 1
+        assert "--device" in result.stderr and "no usable CUDA GPU" in result.stderr
+    result = _cli(["-c", str(run), "-p", "x", "-n", "2"])  # auto falls back to the CPU and says why
+    assert result.exit_code == 0 and "device: cpu (float32; no usable CUDA GPU)" in result.stderr
+
+
+@pytest.mark.slow  # end to end: a checkpoint on disk, whole CLI runs
+def test_cli_valid_utf8_is_on_by_default_and_can_be_turned_off(tmp_path):
+    from ramgpt.tokenizer import load_tokenizer
+
+    tok = load_tokenizer("embedded")
+    run = _tiny_run(tmp_path, tokenizer=tok, vocab_size=tok.vocab_size + 64)  # an untrained model
+    base = ["-c", str(run), "-n", "40", "--device", "cpu", "-t", "1", "--top-k", "100000", "--top-p", "1"]
+    base += ["--repetition-penalty", "1"]
+    replies = {
+        flag: [_cli([*base, "-p", "日本", "--seed", str(seed), *flag]) for seed in range(4)]
+        for flag in ((), ("--valid-utf8",), ("--no-valid-utf8",))
+    }
+    assert all(r.exit_code == 0 for rs in replies.values() for r in rs)
+    for flag in ((), ("--valid-utf8",)):
+        assert not any("\ufffd" in r.stdout for r in replies[flag])
+    assert sum("\ufffd" in r.stdout for r in replies[("--no-valid-utf8",)]) >= 2
+
+
 def test_real_embedded_tokenizer_streams_japanese_whole():
     from ramgpt.tokenizer import load_tokenizer
 
@@ -585,8 +790,7 @@ def test_real_embedded_tokenizer_streams_japanese_whole():
     assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
 
 
-@needs_ckpt
-@needs_tok
+@pytest.mark.slow  # end to end: a checkpoint on disk, whole CLI runs
 def test_cli_with_the_real_embedded_tokenizer(tmp_path):
     from ramgpt.tokenizer import load_tokenizer
 
