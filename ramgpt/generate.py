@@ -777,8 +777,9 @@ def _load_model(path: Path, device: str, vram_budget_gib: float | None) -> Loade
     notice = f"device: {dev} ({dtype_name}; {where.reason}); checkpoint: {path}"
     if where.streamed:
         from ramgpt.engine import StreamedInferenceModel, apply_vram_budget
+        from ramgpt.placement import vram_budget_bytes
 
-        apply_vram_budget(dev, vram_budget_gib)
+        apply_vram_budget(dev, vram_budget_bytes(vram_budget_gib, dev, machine))
         streamed = StreamedInferenceModel(model, device=dev, dtype=dtype).eval()
         return LoadedModel(streamed, profile, tokenizer_dir, dev, notice)
     try:
