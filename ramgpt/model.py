@@ -125,9 +125,14 @@ class Head(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.n_embd, eps=1e-5, bias=cfg.bias)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.loss_chunk_tokens = loss_chunk_tokens
+        # Set by the streamed engine for a training pass: its forward runs without grad and the
+        # backward recomputes this chunk with grad, so the loss of the first run is never used.
+        self.defer_loss = False
 
     def forward(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Sum of token losses (float32 scalar)."""
+        if self.defer_loss and not torch.is_grad_enabled():
+            return torch.zeros((), dtype=torch.float32, device=x.device)
         return fused_linear_cross_entropy(self.ln_f(x), self.lm_head.weight, targets, self.loss_chunk_tokens)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ import torch
 
 from ramgpt.config import ModelConfig, OptimConfig
 from ramgpt.engine import ResidentEngine, StreamedEngine
+from ramgpt.engine.gradpath import DeviceGradPath
 from ramgpt.model import GPT
 
 CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))
@@ -37,7 +38,7 @@ def test_streamed_matches_resident_over_steps(tie: bool, grad_accum: str, device
     """On a GPU (fp32, TF32 off) this also checks the CUDA streams of both gradient paths, with
     GPU scratch pieces that do not divide the tensors (the default 16M elements would never split
     these small ones)."""
-    monkeypatch.setattr(StreamedEngine, "_ACC_PIECE", 1000)
+    monkeypatch.setattr(DeviceGradPath, "PIECE", 1000)
     cfg = ModelConfig(n_layer=3, n_head=2, n_embd=32, block_size=16, vocab_size=64, tie_embeddings=tie)
     # eps 1e-6: the key part of c_attn's bias has an exactly-zero true gradient (softmax is
     # shift-invariant), and Adam with a tiny eps would amplify its rounding noise into updates
@@ -49,8 +50,10 @@ def test_streamed_matches_resident_over_steps(tie: bool, grad_accum: str, device
         for step in range(4):
             x = torch.randint(0, cfg.vocab_size, (6, 16), generator=gen)
             y = torch.randint(0, cfg.vocab_size, (6, 16), generator=gen)
-            l_res = sum(float(res.forward_backward(x[i : i + 2], y[i : i + 2])) for i in range(0, 6, 2))
-            l_stm = sum(float(stm.forward_backward(x[i : i + 2], y[i : i + 2])) for i in range(0, 6, 2))
+            # the last pass is announced, as train_step does: the streamed engine then takes the
+            # gradient norm from its gradient path (the GPU side stream on CUDA)
+            l_res = sum(float(res.forward_backward(x[i : i + 2], y[i : i + 2], last_pass=i == 4)) for i in range(0, 6, 2))
+            l_stm = sum(float(stm.forward_backward(x[i : i + 2], y[i : i + 2], last_pass=i == 4)) for i in range(0, 6, 2))
             assert l_stm == pytest.approx(l_res, rel=1e-5), f"step {step} loss"
             stm._before_optimizer()  # wait for the async grad worker before comparing
             g_res, g_stm = _grads(res), _grads(stm)
@@ -62,6 +65,7 @@ def test_streamed_matches_resident_over_steps(tie: bool, grad_accum: str, device
             r1 = res.optimizer_step(1e-3, n_tokens=6 * 16)
             r2 = stm.optimizer_step(1e-3, n_tokens=6 * 16)
             assert r1.grad_norm == pytest.approx(r2.grad_norm, rel=1e-4)
+            stm.wait_optimizer()  # the update runs in the background until the next forward needs it
         for (n, p_res), (_, p_stm) in zip(res.model.named_parameters(), stm.model.named_parameters()):
             torch.testing.assert_close(p_stm, p_res.cpu(), rtol=1e-4, atol=1e-6, msg=n)
             # every parameter learned, the tied embedding included

@@ -12,7 +12,6 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ramgpt.loss import IGNORE_INDEX
 from ramgpt.model import GPT, tied_aliases
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -91,22 +90,6 @@ def release_freed_heap() -> None:
         pass
 
 
-def consume_cuda_error(device: str) -> None:
-    """A failed CUDA runtime call (cudaHostRegister) stays the runtime's "last error", which the
-    launch check of the next kernel would raise as its own. torch exposes no cudaGetLastError, so
-    launch a tiny kernel and let its check consume the stale error."""
-    for _ in range(2):
-        try:
-            torch.ones(1, device=device).add_(1)
-            return
-        except RuntimeError:
-            continue
-
-
-def aligned(nbytes: int, align: int = 64) -> int:
-    return -(-nbytes // align) * align
-
-
 class Engine:
     """Common optimizer-side logic; subclasses provide the passes."""
 
@@ -135,16 +118,18 @@ class Engine:
         ``seqs_per_pass`` sequences, then the update at ``lr``. The loss is summed on the device
         and read once per step (no host sync between passes)."""
         loss_sum = None
-        for i in range(0, x.shape[0], self.seqs_per_pass):
-            part = self.forward_backward(x[i : i + self.seqs_per_pass], y[i : i + self.seqs_per_pass])
+        starts = list(range(0, x.shape[0], self.seqs_per_pass))
+        for i in starts:
+            part = self.forward_backward(x[i : i + self.seqs_per_pass], y[i : i + self.seqs_per_pass],
+                                         last_pass=i == starts[-1])
             loss_sum = part if loss_sum is None else loss_sum + part
-        report = self.optimizer_step(lr, int((y != IGNORE_INDEX).sum()))
+        report = self.optimizer_step(lr, y.numel())
         report.loss_sum = float(loss_sum) if loss_sum is not None else 0.0
         return report
 
-    def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, last_pass: bool = False) -> torch.Tensor:
         """One pass over some sequences; gradients accumulate. Returns the loss sum (a 0-d
-        float32 tensor, on the compute device)."""
+        float32 tensor, on the compute device). ``last_pass`` marks the step's final pass."""
         raise NotImplementedError
 
     @torch.no_grad()

@@ -25,7 +25,7 @@ class ResidentEngine(Engine):
     def seqs_per_pass(self) -> int:
         return self._mb
 
-    def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, last_pass: bool = False) -> torch.Tensor:
         self.model.train()
         x = x.to(self.device, non_blocking=True)
         y = y.to(self.device, non_blocking=True)

@@ -1,0 +1,83 @@
+"""Host memory the GPU copies from and to: page-locked once, in one piece.
+
+torch's pinned allocator rounds every allocation up to a power of two, so pinning the 1b's bf16
+chunk copies one tensor at a time took 3.7 GiB for 2.2 GB of tensors (H200 probe: 3.69 GB of RSS
+for 2.20 GB, 1.73 s). :class:`HostArena` allocates one plain buffer, page-locks it with a single
+``cudaHostRegister`` (0.79 s, RSS = the bytes) and hands out aligned views; torch and ramtorch see
+the views as pinned (``is_pinned()``), so nothing pins them again.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+ALIGN = 64  # bytes: covers every dtype's element size and the CPU's vector loads
+
+
+def aligned(nbytes: int, align: int = ALIGN) -> int:
+    return -(-nbytes // align) * align
+
+
+def consume_cuda_error(device: str) -> None:
+    """A failed CUDA runtime call (cudaHostRegister) stays the runtime's "last error", which the
+    launch check of the next kernel would raise as its own. torch exposes no cudaGetLastError, so
+    launch a tiny kernel and let its check consume the stale error."""
+    for _ in range(2):
+        try:
+            torch.ones(1, device=device).add_(1)
+            return
+        except RuntimeError:
+            continue
+
+
+def register(t: torch.Tensor, device: str) -> bool:
+    """Page-lock ``t``'s memory in place for DMA. False (with the error consumed) where the
+    driver refuses, e.g. a locked-memory limit in a container or WSL2."""
+    rc = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0)
+    if int(rc) != 0:
+        consume_cuda_error(device)
+        return False
+    return True
+
+
+def unregister(t: torch.Tensor) -> None:
+    torch.cuda.cudart().cudaHostUnregister(t.data_ptr())
+
+
+class HostArena:
+    """One host buffer carved into aligned tensor views; page-locked when ``device`` is CUDA."""
+
+    def __init__(self, nbytes: int, device: str, what: str):
+        self.device = device
+        self.buf = torch.empty(max(nbytes, ALIGN), dtype=torch.uint8)
+        self.registered = False
+        self.off = 0
+        if device.startswith("cuda"):
+            self.registered = register(self.buf, device)
+            if not self.registered:
+                warnings.warn(f"could not page-lock {nbytes / 2**30:.1f} GiB for {what}; host-device copies of it "
+                              "will be slower (pageable memory)", RuntimeWarning, stacklevel=2)
+
+    @property
+    def nbytes(self) -> int:
+        return self.buf.numel()
+
+    def take(self, shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        n = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
+        if self.off + n > self.buf.numel():
+            raise ValueError(f"arena of {self.buf.numel()} bytes is full ({self.off} used, {n} more asked)")
+        view = self.buf[self.off : self.off + n].view(dtype).view(shape)
+        self.off += aligned(n)
+        return view
+
+    def contains(self, t: torch.Tensor) -> bool:
+        start = self.buf.data_ptr()
+        return start <= t.data_ptr() < start + self.buf.numel()
+
+    def close(self) -> None:
+        if self.registered:
+            torch.cuda.synchronize(torch.device(self.device))
+            unregister(self.buf)
+            self.registered = False
