@@ -112,3 +112,23 @@ def sparkline(values: Iterable[float], width: int = 24) -> str:
         else:
             out.append(_SPARK[min(len(_SPARK) - 1, int((v - lo) / span * (len(_SPARK) - 1) + 0.5))])
     return "".join(out)
+
+
+def fmt_sci(v: float, digits: int = 2) -> str:
+    """Scientific notation for small rates such as the learning rate: ``fmt_sci(6e-4, 1) == '6.0e-04'``."""
+    return f"{v:.{digits}e}" if math.isfinite(v) else str(v)
+
+
+def gib_list(values: Iterable[float | None], digits: int = 1) -> str:
+    """Several sizes in one GiB unit, ``?`` for an unknown one: ``'3.0/?/6.0 GiB'`` (used/reserved/budget
+    side by side on one short log line, where a unit per number would not fit)."""
+    return "/".join(f"{v / GiB:.{digits}f}" if v is not None else "?" for v in values) + " GiB"
+
+
+def fmt_params(n: int) -> str:
+    """A parameter count with the precision a model size needs: ``1.010 B``, ``124.44 M``, ``945,664``."""
+    if n >= 1e9:
+        return f"{n / 1e9:.3f} B"
+    if n >= 1e6:
+        return f"{n / 1e6:.2f} M"
+    return f"{n:,}"

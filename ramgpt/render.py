@@ -1,5 +1,6 @@
 """Rich rendering of command results. Library modules return data; only this module (and the
-dashboard sink) print. One function per result type:
+display sinks in ``ramgpt.sinks``) print. Numbers are written by ``ramgpt.fmt``. One function per
+result type:
 
 - :func:`render_doctor` -- ``ramgpt doctor``
 - :func:`render_estimate` -- ``ramgpt estimate-memory``
@@ -17,33 +18,13 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from ramgpt.fmt import fmt_bytes, fmt_params
+
 if TYPE_CHECKING:  # pragma: no cover
     from ramgpt.checkpoint import PruneReport
     from ramgpt.doctor import CheckResult
     from ramgpt.hub import PushPlan
     from ramgpt.memory import MemoryEstimate, Term
-
-GiB = 2**30
-
-
-def fmt_bytes(n: int | float | None) -> str:
-    """Binary units, as the memory estimate and nvidia-smi use them."""
-    if n is None:
-        return "-"
-    n = float(n)
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{n:.0f} B"
-
-
-def _fmt_count(n: int) -> str:
-    if n >= 1e9:
-        return f"{n / 1e9:.3f} B"
-    if n >= 1e6:
-        return f"{n / 1e6:.2f} M"
-    return f"{n:,}"
-
 
 # ---------------------------------------------------------------------------------------------
 # doctor
@@ -111,7 +92,7 @@ def render_estimate(est: MemoryEstimate, console: Console) -> None:
     p.add_column("component")
     p.add_column("count", justify="right")
     for k in ("embeddings", "blocks", "head", "total"):
-        p.add_row(k, _fmt_count(est.params[k]))
+        p.add_row(k, fmt_params(est.params[k]))
     console.print(p)
 
     if est.gpu is not None:
@@ -263,4 +244,4 @@ def render_push(plan: PushPlan, console: Console) -> None:
         console.print(f"[green]done:[/] {plan.url}", highlight=False)
 
 
-__all__ = ["fmt_bytes", "render_doctor", "render_estimate", "render_prune", "render_push"]
+__all__ = ["render_doctor", "render_estimate", "render_prune", "render_push"]
