@@ -1,4 +1,4 @@
-"""Pushing to the Hub without the Hub: an injected (or monkeypatched) HfApi records what would
+"""Pushing to the Hub without the Hub (ramgpt.hub.upload): an injected (or monkeypatched) HfApi records what would
 be sent; the real client is pointed at dead localhost ports to check that failures are fast,
 one line, and never show the token."""
 
@@ -18,6 +18,7 @@ from huggingface_hub import HfApi
 from huggingface_hub.utils import filter_repo_objects
 
 import ramgpt.hub as hub
+import ramgpt.hub.upload as upload  # module globals the tests patch (LARGE_PUSH_FILES, _probe)
 from ramgpt.checkpoint import save_checkpoint
 from ramgpt.config import load_profile
 from ramgpt.errors import CheckpointError, HubError
@@ -257,8 +258,8 @@ def test_push_exported_model_dir(tmp_path):
 
 
 def test_large_push_uses_upload_large_folder(run_dir, monkeypatch):
-    monkeypatch.setattr(hub, "LARGE_PUSH_FILES", 3)
-    monkeypatch.setattr(hub, "_hub_has_large_folder", lambda: True)
+    monkeypatch.setattr(upload, "LARGE_PUSH_FILES", 3)
+    monkeypatch.setattr(upload, "_hub_has_large_folder", lambda: True)
     api = FakeApi(large=True)
     plan = push(run_dir, repo_id=REPO, token=TOKEN, delete_patterns=["step_0000001/*"], api=api)
     assert plan.method == "upload_large_folder"
@@ -271,7 +272,7 @@ def test_large_push_uses_upload_large_folder(run_dir, monkeypatch):
 
 
 def test_huggingface_hub_2_has_no_large_folder_so_upload_folder_is_used(run_dir, monkeypatch):
-    monkeypatch.setattr(hub, "LARGE_PUSH_FILES", 3)
+    monkeypatch.setattr(upload, "LARGE_PUSH_FILES", 3)
     import huggingface_hub
 
     expected = "upload_large_folder" if hasattr(huggingface_hub.HfApi, "upload_large_folder") else "upload_folder"
@@ -287,7 +288,7 @@ def test_default_api_is_huggingface_hub_hfapi(run_dir, monkeypatch):
             made.append((endpoint, token))
 
     monkeypatch.setattr("huggingface_hub.HfApi", Recorder)
-    monkeypatch.setattr(hub, "_probe", lambda endpoint, timeout: None)
+    monkeypatch.setattr(upload, "_probe", lambda endpoint, timeout: None)
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     monkeypatch.setenv("HF_ENDPOINT", "http://hub.example:1234")
     push(run_dir, repo_id=REPO)
@@ -312,7 +313,7 @@ def test_dry_run_makes_no_call_and_needs_no_token(run_dir, monkeypatch):
 
     monkeypatch.setattr("huggingface_hub.HfApi", boom)
     monkeypatch.setattr("huggingface_hub.get_token", boom)
-    monkeypatch.setattr(hub, "_probe", boom)
+    monkeypatch.setattr(upload, "_probe", boom)
     plan = push(
         run_dir,
         repo_id=REPO,
