@@ -280,12 +280,20 @@ def push(
 @handle_errors
 def export(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint directory or run directory (newest complete).")],
-    out_dir: Annotated[Path, typer.Argument(help="Where to write the transformers model directory.")],
+    out_dir: Annotated[Path, typer.Argument(help="Where to write the transformers model directory (new or empty).")],
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Write into a non-empty OUT_DIR: replace only the files export writes (config.json, "
+            "model.safetensors, generation_config.json, tokenizer files, README.md); other files stay.",
+        ),
+    ] = False,
 ) -> None:
     """Export a checkpoint as a Hugging Face transformers GPT2LMHeadModel directory."""
     from ramgpt.hub import export_hf
 
-    path = export_hf(checkpoint, out_dir)
+    path = export_hf(checkpoint, out_dir, overwrite=overwrite)
     Console().print(f"exported to {path}")
 
 
