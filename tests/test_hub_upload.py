@@ -266,7 +266,7 @@ def test_large_push_uses_upload_large_folder(run_dir, monkeypatch):
     assert api.names() == ["create_repo", "upload_large_folder", "delete_files"]
     up = api.kwargs("upload_large_folder")
     assert "commit_message" not in up and "delete_patterns" not in up  # not supported there
-    assert up["repo_type"] == "model" and up["private"] is False
+    assert up["repo_type"] == "model" and up["private"] is True  # private unless asked otherwise
     assert api.kwargs("delete_files")["delete_patterns"] == ["step_0000001/*"]
     assert set(api.uploaded) == {p for p, _ in plan.files}
 
@@ -474,6 +474,40 @@ def test_cli_push_without_token_or_repo(run_dir, cli_app):
     assert res.exit_code == 7 and "no Hub repo id" in res.output
 
 
+def test_push_is_private_by_default_as_the_profile(run_dir):
+    """`ramgpt push` and the pushes during training create the repo with the same visibility."""
+    from ramgpt.config import CheckpointConfig
+
+    assert CheckpointConfig().hub_private is True
+    api = FakeApi()
+    push(run_dir, repo_id=REPO, token=TOKEN, api=api)
+    assert api.kwargs("create_repo")["private"] is True
+    assert hub.plan_push(run_dir, repo_id=REPO).private is True
+
+
+@pytest.mark.parametrize(("flags", "visibility"), [([], "private"), (["--private"], "private"), (["--public"], "public")])
+def test_cli_push_visibility(run_dir, cli_app, monkeypatch, flags, visibility):
+    runner, app = cli_app
+    api = FakeApi()
+    monkeypatch.setattr("huggingface_hub.HfApi", lambda **kw: api)
+    monkeypatch.setattr(upload, "_probe", lambda endpoint, timeout: None)
+    res = runner.invoke(app, ["push", str(run_dir), "--repo-id", REPO, "--token", TOKEN, *flags], env={"COLUMNS": "300"})
+    assert res.exit_code == 0, res.output
+    assert api.kwargs("create_repo")["private"] is (visibility == "private")
+    assert f"(branch main, {visibility}, " in res.output
+
+
+def test_cli_push_help_says_required_and_private(cli_app):
+    runner, app = cli_app
+    res = runner.invoke(app, ["push", "--help"], env={"COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"})
+    assert res.exit_code == 0
+    text = " ".join(ln.strip("│ ") for ln in res.output.splitlines())
+    rows = {ln.split()[1]: ln for ln in res.output.splitlines() if ln.lstrip("│ *").startswith("--")}
+    assert "required" in rows["--repo-id"].lower()
+    assert "--public" in rows["--private"]
+    assert "private (the default" in text
+
+
 # ---------------------------------------------------------------------------------------------
 # background pushes and rotation
 
@@ -575,7 +609,7 @@ def test_render_push_after_a_push(run_dir):
     console = Console(record=True, width=200)
     render_push(plan, console)
     text = console.export_text()
-    assert text.startswith(f"pushed run {run_dir} -> {REPO} (branch exp, public, upload_folder)")
+    assert text.startswith(f"pushed run {run_dir} -> {REPO} (branch exp, private, upload_folder)")
     assert f"done: https://huggingface.co/{REPO}/tree/exp" in text
     assert "more files" in text and "dry run" not in text and TOKEN not in text
 
