@@ -259,8 +259,17 @@ def prune_ckpt(
 @handle_errors
 def push(
     run_dir: Annotated[Path, typer.Argument(help="Run directory, checkpoint, or exported model directory.")],
-    repo_id: Annotated[str | None, typer.Option("--repo-id", help="USER/NAME on the Hugging Face Hub.")] = None,
-    private: Annotated[bool, typer.Option("--private", help="Create the repo as private.")] = False,
+    # Required, but checked by push itself: a missing --repo-id is then one error line, not a usage panel.
+    repo_id: Annotated[str | None, typer.Option("--repo-id", help="Required: USER/NAME on the Hugging Face Hub.")] = None,
+    private: Annotated[
+        bool,
+        typer.Option(
+            "--private/--public",
+            help="Create the repo private (the default, as checkpoint.hub_private) or public; "
+            "an existing repo keeps its visibility.",
+            show_default=False,
+        ),
+    ] = True,
     revision: Annotated[str | None, typer.Option("--revision", help="Branch to push to.")] = None,
     message: Annotated[str | None, typer.Option("--message", "-m", help="Commit message.")] = None,
     include: Annotated[list[str] | None, typer.Option("--include", help="Glob of files to upload (repeatable).")] = None,
@@ -294,12 +303,20 @@ def push(
 @handle_errors
 def export(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint directory or run directory (newest complete).")],
-    out_dir: Annotated[Path, typer.Argument(help="Where to write the transformers model directory.")],
+    out_dir: Annotated[Path, typer.Argument(help="Where to write the transformers model directory (new or empty).")],
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Write into a non-empty OUT_DIR: replace only the files export writes (config.json, "
+            "model.safetensors, generation_config.json, tokenizer files, README.md); other files stay.",
+        ),
+    ] = False,
 ) -> None:
     """Export a checkpoint as a Hugging Face transformers GPT2LMHeadModel directory."""
     from ramgpt.hub import export_hf
 
-    path = export_hf(checkpoint, out_dir)
+    path = export_hf(checkpoint, out_dir, overwrite=overwrite)
     Console().print(f"exported to {path}")
 
 

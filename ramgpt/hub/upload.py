@@ -1,17 +1,14 @@
-"""Hugging Face interop: the name mapping table, ``export_hf`` (a transformers GPT-2 directory)
-and ``push`` (upload a run, a checkpoint or an export to the Hub).
+"""Push a run directory, one checkpoint or an exported model to the Hugging Face Hub: what to
+send (``plan_push``, no network), sending it (``execute_push``), and pushes running in the
+background during training (``push_checkpoint_background``).
 
-Three rules shape this module:
-
-- **One mapping table** (``HF_NAME_MAP``) drives both directions, so export and import cannot
-  drift apart. The only GPT-2 quirk is that HF's ``Conv1D`` stores Linear weights as (in, out)
-  where torch stores (out, in); those rows carry ``transpose=True``.
 - **The token is never data.** It is resolved at call time (``--token``, ``HF_TOKEN``, the
   login cache), handed to ``HfApi`` and nothing else: not to ``PushPlan``, not to a log line,
   not to a file, not to an error message (messages are scrubbed as well).
 - **A push fails fast and in one line.** The Hub client waits forever on a black-holed host,
   so ``push`` first probes the endpoint with a short timeout; every Hub exception becomes a
   one-line ``HubError``.
+- **Only complete checkpoints leave the machine**, by the rule of ``ramgpt.checkpoint.layout``.
 
 ``upload_folder`` vs ``upload_large_folder``: huggingface_hub 2.x removed
 ``upload_large_folder`` because ``upload_folder`` itself now streams, batches big folders into
@@ -23,428 +20,38 @@ separate ``delete_files`` commit) and keeps its resume state in ``FOLDER/.cache/
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import shutil
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
-from ramgpt.errors import CheckpointError, HubError
-
-if TYPE_CHECKING:
-    import torch
-
-# ---------------------------------------------------------------------------------------------
-# The mapping table: (ramgpt name, transformers GPT2LMHeadModel name, transpose).
-# ``{i}`` is the block index. Linear weights of the blocks are transposed (Conv1D is (in, out)).
-HF_NAME_MAP: tuple[tuple[str, str, bool], ...] = (
-    ("embed.wte.weight", "transformer.wte.weight", False),
-    ("embed.wpe.weight", "transformer.wpe.weight", False),
-    ("h.{i}.ln_1.weight", "transformer.h.{i}.ln_1.weight", False),
-    ("h.{i}.ln_1.bias", "transformer.h.{i}.ln_1.bias", False),
-    ("h.{i}.attn.c_attn.weight", "transformer.h.{i}.attn.c_attn.weight", True),
-    ("h.{i}.attn.c_attn.bias", "transformer.h.{i}.attn.c_attn.bias", False),
-    ("h.{i}.attn.c_proj.weight", "transformer.h.{i}.attn.c_proj.weight", True),
-    ("h.{i}.attn.c_proj.bias", "transformer.h.{i}.attn.c_proj.bias", False),
-    ("h.{i}.ln_2.weight", "transformer.h.{i}.ln_2.weight", False),
-    ("h.{i}.ln_2.bias", "transformer.h.{i}.ln_2.bias", False),
-    ("h.{i}.mlp.c_fc.weight", "transformer.h.{i}.mlp.c_fc.weight", True),
-    ("h.{i}.mlp.c_fc.bias", "transformer.h.{i}.mlp.c_fc.bias", False),
-    ("h.{i}.mlp.c_proj.weight", "transformer.h.{i}.mlp.c_proj.weight", True),
-    ("h.{i}.mlp.c_proj.bias", "transformer.h.{i}.mlp.c_proj.bias", False),
-    ("head.ln_f.weight", "transformer.ln_f.weight", False),
-    ("head.ln_f.bias", "transformer.ln_f.bias", False),
-    ("head.lm_head.weight", "lm_head.weight", False),  # tied to wte unless tie_embeddings=false
+from ramgpt.checkpoint.layout import (
+    META_FILE,
+    MODEL_FILE,
+    OPTIM_JSON_FILE,
+    OPTIM_TENSORS_FILE,
+    STEP_DIR_RE,
+    TMP_DIR_RE,
+    check_complete,
+    read_meta,
+    step_dir_name,
 )
-
-# Old GPT-2 checkpoints (the original "gpt2" weights) also hold causal-mask buffers; not weights.
-_HF_BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias")
-
-
-def _pattern_regex(pattern: str) -> re.Pattern[str]:
-    return re.compile("^" + re.escape(pattern).replace(re.escape("{i}"), r"(?P<i>\d+)") + "$")
-
-
-_TO_HF = [(_pattern_regex(r), h, t) for r, h, t in HF_NAME_MAP]
-_FROM_HF = [(_pattern_regex(h), r, t) for r, h, t in HF_NAME_MAP]
-
-
-def _rename(key: str, table: list[tuple[re.Pattern[str], str, bool]]) -> tuple[str, bool] | None:
-    for rx, target, transpose in table:
-        m = rx.match(key)
-        if m:
-            return target.format(i=m.group("i")) if "{i}" in target else target, transpose
-    return None
-
-
-def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return (
-        a.shape == b.shape
-        and a.dtype == b.dtype
-        and a.device == b.device
-        and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
-        and a.storage_offset() == b.storage_offset()
-        and a.stride() == b.stride()
-    )
-
-
-def _n_layer_of(keys: Iterable[str], prefix: str) -> int:
-    rx = re.compile("^" + re.escape(prefix) + r"(\d+)\.")
-    idx = [int(m.group(1)) for k in keys if (m := rx.match(k))]
-    return max(idx) + 1 if idx else 0
-
-
-def to_hf_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """ramgpt state dict -> a complete ``GPT2LMHeadModel`` state dict (float dtype kept).
-
-    Accepts the state as saved (tied head stored once as ``embed.wte.weight``) or as
-    ``GPT.state_dict()`` returns it. A missing ``head.lm_head.weight`` means tied: the result's
-    ``lm_head.weight`` is then the same tensor as ``transformer.wte.weight``, as in HF. Profiles
-    with ``bias: false`` have no biases; GPT-2 always has them, so zero biases are filled in,
-    which is exact (a Linear/LayerNorm with a zero bias computes the same thing).
-    """
-    import torch
-
-    out: dict[str, torch.Tensor] = {}
-    for key, tensor in state.items():
-        hit = _rename(key, _TO_HF)
-        if hit is None:
-            raise CheckpointError(f"cannot map {key!r} to a GPT-2 weight name (not a ramgpt GPT state dict?)")
-        name, transpose = hit
-        out[name] = tensor.t().contiguous() if transpose else tensor
-    if "transformer.wte.weight" not in out:
-        raise CheckpointError("state dict has no embed.wte.weight (not a ramgpt GPT state dict?)")
-    wte = out["transformer.wte.weight"]
-    out.setdefault("lm_head.weight", wte)
-    n_embd = wte.shape[1]
-    zeros = lambda n: torch.zeros(n, dtype=wte.dtype, device=wte.device)  # noqa: E731
-    for i in range(_n_layer_of(out, "transformer.h.")):
-        p = f"transformer.h.{i}."
-        for ln in ("ln_1", "ln_2"):
-            out.setdefault(f"{p}{ln}.bias", zeros(n_embd))
-        # Conv1D weight is (in, out): the bias has `out` entries.
-        for lin in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
-            out.setdefault(f"{p}{lin}.bias", zeros(out[f"{p}{lin}.weight"].shape[1]))
-    out.setdefault("transformer.ln_f.bias", zeros(n_embd))
-    return out
-
-
-def from_hf_state_dict(
-    hf_state: Mapping[str, torch.Tensor], *, bias: bool = True, vocab_size: int | None = None
-) -> dict[str, torch.Tensor]:
-    """``GPT2LMHeadModel`` (or bare ``GPT2Model``) weights -> a ramgpt ``GPT.state_dict()``.
-
-    This is how a run starts from OpenAI's GPT-2 instead of random weights. Causal-mask buffers
-    of old checkpoints are skipped; a missing ``lm_head.weight`` means tied (the result's head
-    is the same tensor as ``embed.wte.weight``). ``bias=False`` drops the biases for a bias-free
-    profile, refusing non-zero ones (that would silently change the model). ``vocab_size``
-    pads the embedding rows with zeros (GPT-2's 50257 -> ramgpt's 64-aligned 50304); padded ids
-    are never produced by the tokenizer.
-    """
-    import torch
-
-    out: dict[str, torch.Tensor] = {}
-    for key, tensor in hf_state.items():
-        if key.endswith(_HF_BUFFER_SUFFIXES):
-            continue
-        full = key if key.startswith(("transformer.", "lm_head.")) else f"transformer.{key}"
-        hit = _rename(full, _FROM_HF)
-        if hit is None:
-            raise CheckpointError(f"cannot map {key!r} to a ramgpt weight name (not a GPT-2 state dict?)")
-        name, transpose = hit
-        if name.endswith(".bias") and not bias:
-            if torch.count_nonzero(tensor).item():
-                raise CheckpointError(f"{key} is not zero: this GPT-2 needs a profile with model.bias=true")
-            continue
-        out[name] = tensor.t().contiguous() if transpose else tensor
-    if "embed.wte.weight" not in out:
-        raise CheckpointError("state dict has no wte.weight (not a GPT-2 state dict?)")
-    # tied: no separate head, or a head that is a view of the same memory (state_dict() detaches
-    # each key into its own tensor object, so identity is not the test)
-    tied = "head.lm_head.weight" not in out or _same_memory(out["head.lm_head.weight"], out["embed.wte.weight"])
-    if tied:
-        out.pop("head.lm_head.weight", None)
-    if vocab_size is not None:
-        for name in ("embed.wte.weight", "head.lm_head.weight"):
-            if name not in out:
-                continue
-            w = out[name]
-            if vocab_size < w.shape[0]:
-                raise CheckpointError(f"vocab_size {vocab_size} is smaller than the checkpoint's {w.shape[0]} rows")
-            if vocab_size > w.shape[0]:
-                out[name] = torch.cat([w, w.new_zeros(vocab_size - w.shape[0], w.shape[1])])
-    if tied:
-        out["head.lm_head.weight"] = out["embed.wte.weight"]
-    return out
-
-
-def hf_config_to_model_fields(hf_config: Mapping[str, Any]) -> dict[str, Any]:
-    """A GPT-2 ``config.json`` -> the ``model`` section of a ramgpt profile (for imports)."""
-    return {
-        "n_layer": int(hf_config["n_layer"]),
-        "n_head": int(hf_config["n_head"]),
-        "n_embd": int(hf_config["n_embd"]),
-        "block_size": int(hf_config["n_positions"]),
-        "vocab_size": int(hf_config["vocab_size"]),
-        "dropout": float(hf_config.get("resid_pdrop", 0.0)),
-        "bias": True,
-        "tie_embeddings": bool(hf_config.get("tie_word_embeddings", True)),
-    }
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoint reading and model cards
-
-
-def _read_checkpoint(path: Path) -> tuple[Path, int, dict[str, Any], dict[str, torch.Tensor]]:
-    """(checkpoint dir, step, meta, model state) through ramgpt.checkpoint (never unpickles)."""
-    from ramgpt.checkpoint import load_checkpoint, resolve_checkpoint
-
-    ckpt = resolve_checkpoint(path)
-    loaded = load_checkpoint(ckpt, map_location="cpu", with_optimizer=False)
-    return Path(loaded.path), int(loaded.step), dict(loaded.meta), dict(loaded.model_state)
-
-
-def _meta_config(meta: Mapping[str, Any], where: Path):
-    from ramgpt.config import profile_from_dict
-
-    cfg = meta.get("config")
-    if not isinstance(cfg, dict):
-        raise CheckpointError(f"{where}/meta.json has no config dump; cannot tell the model shape")
-    return profile_from_dict(cfg)
-
-
-def _first_number(meta: Mapping[str, Any], *keys: str) -> float | None:
-    for k in keys:
-        v = meta.get(k)
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            return v
-    return None
-
-
-def _eos_id(tokenizer_dir: Path) -> int | None:
-    """The EOS id from a saved tokenizer directory, without needing ramgpt.tokenizer."""
-    tj = tokenizer_dir / "tokenizer.json"
-    if not tj.is_file():
-        return None
-    eos = "<|endoftext|>"
-    for name in ("special_tokens_map.json", "tokenizer_config.json"):
-        try:
-            d = json.loads((tokenizer_dir / name).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        tok = d.get("eos_token")
-        if isinstance(tok, dict):
-            tok = tok.get("content")
-        if isinstance(tok, str) and tok:
-            eos = tok
-            break
-    try:
-        from tokenizers import Tokenizer
-
-        return Tokenizer.from_file(str(tj)).token_to_id(eos)
-    except Exception:  # a tokenizer.json tokenizers cannot read: leave the ids unset
-        return None
-
-
-def _yaml_block(data: Any) -> str:
-    import yaml
-
-    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True).rstrip()
-
-
-def model_card(
-    meta: Mapping[str, Any],
-    *,
-    kind: Literal["transformers", "run"] = "transformers",
-    repo_id: str | None = None,
-    license: str = "apache-2.0",
-) -> str:
-    """README.md for the Hub: YAML front matter, what was trained, the effective config, usage.
-
-    ``kind="transformers"`` describes an exported GPT2LMHeadModel directory; ``kind="run"`` a
-    pushed run directory (ramgpt checkpoints, loadable with ``ramgpt generate``)."""
-    cfg = meta.get("config") if isinstance(meta.get("config"), dict) else {}
-    name = cfg.get("name", "custom")
-    model = cfg.get("model", {})
-    step = meta.get("step")
-    tokens = _first_number(meta, "tokens_seen")
-    eval_loss = _first_number(meta, "eval_loss", "best_eval_loss")
-    repo = repo_id or "USER/NAME"
-    front: dict[str, Any] = {"license": license, "language": ["ja", "en"]}
-    if kind == "transformers":
-        front.update({"library_name": "transformers", "pipeline_tag": "text-generation", "tags": ["gpt2", "ramgpt"]})
-    else:
-        front["tags"] = ["ramgpt"]
-    lines = ["---", _yaml_block(front), "---", ""]
-    title = "GPT-2" if not model else f"GPT-2 ({model.get('n_layer')} layers, {model.get('n_embd')} wide)"
-    lines += [f"# {title} pre-trained with ramgpt", ""]
-    lines.append(f"- training profile: `{name}`")
-    if step is not None:
-        lines.append(f"- optimizer steps: {step}")
-    if tokens is not None:
-        lines.append(f"- tokens seen: {int(tokens):,}")
-    lines.append(f"- eval loss: {eval_loss:.4f}" if eval_loss is not None else "- eval loss: not measured")
-    if cfg.get("data"):
-        data = cfg["data"]
-        src = data.get("dataset_name") or data.get("path") or data.get("source")
-        lines.append(f"- data: `{src}`, tokenizer `{data.get('tokenizer')}`")
-    lines += ["", "## Effective config", "", "```yaml", _yaml_block(cfg) if cfg else "# not recorded", "```", ""]
-    lines += ["## Usage", ""]
-    if kind == "transformers":
-        lines += [
-            "```python",
-            "from transformers import AutoModelForCausalLM, AutoTokenizer",
-            "",
-            f'tok = AutoTokenizer.from_pretrained("{repo}")',
-            f'model = AutoModelForCausalLM.from_pretrained("{repo}")',
-            'ids = tok("今日は", return_tensors="pt").input_ids',
-            "out = model.generate(ids, max_new_tokens=64, do_sample=True, top_k=50, top_p=0.95)",
-            "print(tok.decode(out[0]))",
-            "```",
-        ]
-    else:
-        lines += [
-            "These are ramgpt checkpoints (`step_*/`), not a transformers model; use `ramgpt export` for that.",
-            "",
-            "```bash",
-            f"hf download {repo} --local-dir run",
-            "ramgpt generate -c run -p '今日は'",
-            "```",
-        ]
-    lines.append("")
-    return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------
-# Export
-
-
-def export_hf(
-    checkpoint: str | os.PathLike[str],
-    out_dir: str | os.PathLike[str],
-    *,
-    repo_id: str | None = None,
-    license: str = "apache-2.0",
-) -> Path:
-    """Write a transformers ``GPT2LMHeadModel`` directory from a checkpoint (or a run dir's
-    newest complete one): config.json, model.safetensors, generation_config.json, the tokenizer
-    files and a README.md model card. Works offline.
-
-    Weights go through ``GPT2LMHeadModel.save_pretrained`` so the file is exactly what
-    transformers writes itself (tied ``lm_head.weight`` stored once, as ``transformer.wte``).
-    The model is built on the meta device and the mapped tensors are assigned, so no second
-    random-initialised copy of a 1B model is allocated. Weights keep their saved dtype.
-    """
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    ckpt_dir, step, meta, state = _read_checkpoint(Path(checkpoint))
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise CheckpointError(f"export target {out} exists and is not a directory")
-    if out.resolve() == ckpt_dir.resolve() or ckpt_dir.resolve() in out.resolve().parents:
-        raise CheckpointError(f"export target {out} is inside the checkpoint {ckpt_dir}; choose another directory")
-    profile = _meta_config(meta, ckpt_dir)
-    mc = profile.model
-
-    tok_src = ckpt_dir / "tokenizer"
-    if not tok_src.is_dir():
-        tok_src = _saved_profile_tokenizer(profile.data.tokenizer, out / ".ramgpt-tokenizer")
-    eos = _eos_id(tok_src) if tok_src.is_dir() else None
-    if eos is not None and not 0 <= eos < mc.vocab_size:
-        eos = None  # a tokenizer bigger than the model cannot be the model's; leave ids unset
-    hf_cfg = GPT2Config(
-        vocab_size=mc.vocab_size,
-        n_positions=mc.block_size,
-        n_embd=mc.n_embd,
-        n_layer=mc.n_layer,
-        n_head=mc.n_head,
-        activation_function="gelu_new",  # ramgpt uses GELU(approximate="tanh"), which is gelu_new
-        layer_norm_epsilon=1e-5,
-        resid_pdrop=mc.dropout,
-        embd_pdrop=mc.dropout,
-        attn_pdrop=mc.dropout,
-        tie_word_embeddings=mc.tie_embeddings,
-        bos_token_id=eos,
-        eos_token_id=eos,
-        architectures=["GPT2LMHeadModel"],
-    )
-    hf_state = to_hf_state_dict(state)
-    if mc.tie_embeddings:
-        hf_state.pop("lm_head.weight", None)  # re-tied below, as transformers does
-    with torch.device("meta"):
-        model = GPT2LMHeadModel(hf_cfg)
-    result = model.load_state_dict(hf_state, strict=False, assign=True)
-    missing = [k for k in result.missing_keys if not (mc.tie_embeddings and k == "lm_head.weight")]
-    if missing or result.unexpected_keys:
-        bad = (missing or result.unexpected_keys)[0]
-        raise CheckpointError(f"checkpoint {ckpt_dir} does not match its config ({bad} missing or unexpected)")
-    if mc.tie_embeddings:
-        model.tie_weights()
-    model.eval()
-
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    if tok_src.is_dir():
-        for f in sorted(tok_src.iterdir()):
-            if f.is_file():
-                shutil.copy2(f, out / f.name)
-        _set_model_max_length(out / "tokenizer_config.json", mc.block_size)
-    shutil.rmtree(out / ".ramgpt-tokenizer", ignore_errors=True)
-    card_meta = {**meta, "step": step}
-    (out / "README.md").write_text(
-        model_card(card_meta, kind="transformers", repo_id=repo_id, license=license), encoding="utf-8"
-    )
-    return out
-
-
-def _saved_profile_tokenizer(spec: str, where: Path) -> Path:
-    """Checkpoints written without a tokenizer/ dir: save the profile's tokenizer instead, but
-    only an offline one (the embedded tokenizer or a local path), so export never waits on the
-    network. Returns ``where`` (which may stay absent: the export then has no tokenizer)."""
-    if spec != "embedded" and not Path(spec).expanduser().exists():
-        return where
-    try:
-        from ramgpt.tokenizer import load_tokenizer
-
-        tok = load_tokenizer(spec)
-        where.mkdir(parents=True, exist_ok=True)
-        tok.save(where)
-    except Exception:  # noqa: BLE001 - no tokenizer is a smaller problem than no export
-        shutil.rmtree(where, ignore_errors=True)
-    return where
-
-
-def _set_model_max_length(path: Path, block_size: int) -> None:
-    """Tell transformers the context length, so pipelines truncate instead of indexing past wpe."""
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return
-    if not isinstance(d, dict):
-        return
-    current = d.get("model_max_length")
-    if not isinstance(current, int) or current > block_size:
-        d["model_max_length"] = block_size
-        path.write_text(json.dumps(d, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
+from ramgpt.errors import CheckpointError, HubError
+from ramgpt.hub.export import model_card
 
 # ---------------------------------------------------------------------------------------------
 # Push: what to send
 
-STEP_DIR_RE = re.compile(r"^step_\d{7}$")  # the same rule as ramgpt.checkpoint
 # Above either limit, huggingface_hub < 2 needs upload_large_folder (2.x batches by itself).
 LARGE_PUSH_BYTES = 5 * 1024**3
 LARGE_PUSH_FILES = 500
 # How long the reachability probe waits: the Hub client itself never times out.
 PROBE_TIMEOUT_S = 10.0
 
-OPTIMIZER_FILES = ("optimizer.safetensors", "optimizer.json")
+OPTIMIZER_FILES = (OPTIM_TENSORS_FILE, OPTIM_JSON_FILE)
 # Never uploaded: temporary/partial writes, VCS and cache folders, W&B's local run files.
 ALWAYS_IGNORED = (".tmp-*", "*.tmp", "*.partial", "*.lock", ".git/*", ".cache/*", "__pycache__/*", "wandb/*")
 
@@ -488,21 +95,13 @@ def _literal(path: str) -> str:
     return "".join(f"[{c}]" if c in "[*?" else c for c in path)
 
 
-def _read_meta(d: Path) -> dict[str, Any]:
-    try:
-        meta = json.loads((d / "meta.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return meta if isinstance(meta, dict) else {}
-
-
 def is_complete_checkpoint(d: str | os.PathLike[str]) -> bool:
-    """The checkpoint contract (ramgpt.checkpoint): a ``step_\\d{7}`` directory whose meta.json
-    parses and lists files that all exist with their recorded sizes."""
-    from ramgpt.checkpoint import list_checkpoints
-
+    """Whether ``d`` is a complete checkpoint by ``ramgpt.checkpoint.layout.check_complete``: a
+    ``step_\\d{7}`` directory whose meta.json parses and lists files that all exist with their
+    recorded sizes."""
     d = Path(d)
-    return any(i.complete and i.path.name == d.name for i in list_checkpoints(d.parent))
+    m = STEP_DIR_RE.match(d.name)
+    return m is not None and d.is_dir() and check_complete(d, int(m.group(1)))[1] is None
 
 
 def _classify(folder: Path) -> PushSource:
@@ -510,17 +109,17 @@ def _classify(folder: Path) -> PushSource:
         raise HubError(f"{folder} is not a directory (expected a run directory, a checkpoint or an exported model)")
     if (
         (folder / "config.json").is_file()
-        and (folder / "model.safetensors").is_file()
-        and not (folder / "meta.json").exists()
+        and (folder / MODEL_FILE).is_file()
+        and not (folder / META_FILE).exists()
     ):
         return "export"
-    if (folder / "meta.json").exists() or STEP_DIR_RE.match(folder.name):
+    if (folder / META_FILE).exists() or STEP_DIR_RE.match(folder.name):
         from ramgpt.checkpoint import resolve_checkpoint
 
         resolve_checkpoint(folder)  # one-line CheckpointError for a partial or corrupt one
         return "checkpoint"
     if (
-        any(STEP_DIR_RE.match(p.name) or p.name.startswith(".tmp-step_") for p in folder.iterdir())
+        any(STEP_DIR_RE.match(p.name) or TMP_DIR_RE.match(p.name) for p in folder.iterdir())
         or (folder / "metrics.jsonl").is_file()
     ):
         return "run"
@@ -546,7 +145,7 @@ def _newest_meta(run_dir: Path) -> dict[str, Any]:
     from ramgpt.checkpoint import list_checkpoints
 
     complete = [i for i in list_checkpoints(run_dir) if i.complete]
-    return _read_meta(complete[-1].path) if complete else {}
+    return (read_meta(complete[-1].path)[0] or {}) if complete else {}
 
 
 def resolve_token(token: str | None = None) -> str | None:
@@ -585,7 +184,7 @@ def plan_push(
     path: str | os.PathLike[str],
     *,
     repo_id: str | None,
-    private: bool = False,
+    private: bool = True,
     revision: str | None = None,
     message: str | None = None,
     include: Iterable[str] | None = None,
@@ -691,7 +290,7 @@ def remote_delete_patterns(rotated_steps: Iterable[int | str | os.PathLike[str]]
     out: list[str] = []
     for s in rotated_steps:
         if isinstance(s, int):
-            name = f"step_{s:07d}"
+            name = step_dir_name(s)
         else:
             name = Path(s).name
             if not STEP_DIR_RE.match(name):
@@ -834,7 +433,7 @@ def push(
     run_dir: str | os.PathLike[str],
     *,
     repo_id: str | None = None,
-    private: bool = False,
+    private: bool = True,
     revision: str | None = None,
     message: str | None = None,
     include: Iterable[str] | None = None,
@@ -976,20 +575,21 @@ def push_checkpoint_background(
 
 
 __all__ = [
-    "HF_NAME_MAP",
+    "ALWAYS_IGNORED",
+    "LARGE_PUSH_BYTES",
+    "LARGE_PUSH_FILES",
+    "NO_TOKEN_MESSAGE",
+    "OPTIMIZER_FILES",
+    "PROBE_TIMEOUT_S",
     "BackgroundPush",
     "PushPlan",
+    "PushSource",
     "execute_push",
-    "export_hf",
-    "from_hf_state_dict",
     "has_token",
-    "hf_config_to_model_fields",
     "is_complete_checkpoint",
-    "model_card",
     "plan_push",
     "push",
     "push_checkpoint_background",
     "remote_delete_patterns",
     "resolve_token",
-    "to_hf_state_dict",
 ]

@@ -1,4 +1,4 @@
-"""Pushing to the Hub without the Hub: an injected (or monkeypatched) HfApi records what would
+"""Pushing to the Hub without the Hub (ramgpt.hub.upload): an injected (or monkeypatched) HfApi records what would
 be sent; the real client is pointed at dead localhost ports to check that failures are fast,
 one line, and never show the token."""
 
@@ -18,6 +18,7 @@ from huggingface_hub import HfApi
 from huggingface_hub.utils import filter_repo_objects
 
 import ramgpt.hub as hub
+import ramgpt.hub.upload as upload  # module globals the tests patch (LARGE_PUSH_FILES, _probe)
 from ramgpt.checkpoint import save_checkpoint
 from ramgpt.config import load_profile
 from ramgpt.errors import CheckpointError, HubError
@@ -257,21 +258,21 @@ def test_push_exported_model_dir(tmp_path):
 
 
 def test_large_push_uses_upload_large_folder(run_dir, monkeypatch):
-    monkeypatch.setattr(hub, "LARGE_PUSH_FILES", 3)
-    monkeypatch.setattr(hub, "_hub_has_large_folder", lambda: True)
+    monkeypatch.setattr(upload, "LARGE_PUSH_FILES", 3)
+    monkeypatch.setattr(upload, "_hub_has_large_folder", lambda: True)
     api = FakeApi(large=True)
     plan = push(run_dir, repo_id=REPO, token=TOKEN, delete_patterns=["step_0000001/*"], api=api)
     assert plan.method == "upload_large_folder"
     assert api.names() == ["create_repo", "upload_large_folder", "delete_files"]
     up = api.kwargs("upload_large_folder")
     assert "commit_message" not in up and "delete_patterns" not in up  # not supported there
-    assert up["repo_type"] == "model" and up["private"] is False
+    assert up["repo_type"] == "model" and up["private"] is True  # private unless asked otherwise
     assert api.kwargs("delete_files")["delete_patterns"] == ["step_0000001/*"]
     assert set(api.uploaded) == {p for p, _ in plan.files}
 
 
 def test_huggingface_hub_2_has_no_large_folder_so_upload_folder_is_used(run_dir, monkeypatch):
-    monkeypatch.setattr(hub, "LARGE_PUSH_FILES", 3)
+    monkeypatch.setattr(upload, "LARGE_PUSH_FILES", 3)
     import huggingface_hub
 
     expected = "upload_large_folder" if hasattr(huggingface_hub.HfApi, "upload_large_folder") else "upload_folder"
@@ -287,7 +288,7 @@ def test_default_api_is_huggingface_hub_hfapi(run_dir, monkeypatch):
             made.append((endpoint, token))
 
     monkeypatch.setattr("huggingface_hub.HfApi", Recorder)
-    monkeypatch.setattr(hub, "_probe", lambda endpoint, timeout: None)
+    monkeypatch.setattr(upload, "_probe", lambda endpoint, timeout: None)
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     monkeypatch.setenv("HF_ENDPOINT", "http://hub.example:1234")
     push(run_dir, repo_id=REPO)
@@ -312,7 +313,7 @@ def test_dry_run_makes_no_call_and_needs_no_token(run_dir, monkeypatch):
 
     monkeypatch.setattr("huggingface_hub.HfApi", boom)
     monkeypatch.setattr("huggingface_hub.get_token", boom)
-    monkeypatch.setattr(hub, "_probe", boom)
+    monkeypatch.setattr(upload, "_probe", boom)
     plan = push(
         run_dir,
         repo_id=REPO,
@@ -473,6 +474,40 @@ def test_cli_push_without_token_or_repo(run_dir, cli_app):
     assert res.exit_code == 7 and "no Hub repo id" in res.output
 
 
+def test_push_is_private_by_default_as_the_profile(run_dir):
+    """`ramgpt push` and the pushes during training create the repo with the same visibility."""
+    from ramgpt.config import CheckpointConfig
+
+    assert CheckpointConfig().hub_private is True
+    api = FakeApi()
+    push(run_dir, repo_id=REPO, token=TOKEN, api=api)
+    assert api.kwargs("create_repo")["private"] is True
+    assert hub.plan_push(run_dir, repo_id=REPO).private is True
+
+
+@pytest.mark.parametrize(("flags", "visibility"), [([], "private"), (["--private"], "private"), (["--public"], "public")])
+def test_cli_push_visibility(run_dir, cli_app, monkeypatch, flags, visibility):
+    runner, app = cli_app
+    api = FakeApi()
+    monkeypatch.setattr("huggingface_hub.HfApi", lambda **kw: api)
+    monkeypatch.setattr(upload, "_probe", lambda endpoint, timeout: None)
+    res = runner.invoke(app, ["push", str(run_dir), "--repo-id", REPO, "--token", TOKEN, *flags], env={"COLUMNS": "300"})
+    assert res.exit_code == 0, res.output
+    assert api.kwargs("create_repo")["private"] is (visibility == "private")
+    assert f"(branch main, {visibility}, " in res.output
+
+
+def test_cli_push_help_says_required_and_private(cli_app):
+    runner, app = cli_app
+    res = runner.invoke(app, ["push", "--help"], env={"COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"})
+    assert res.exit_code == 0
+    text = " ".join(ln.strip("│ ") for ln in res.output.splitlines())
+    rows = {ln.split()[1]: ln for ln in res.output.splitlines() if ln.lstrip("│ *").startswith("--")}
+    assert "required" in rows["--repo-id"].lower()
+    assert "--public" in rows["--private"]
+    assert "private (the default" in text
+
+
 # ---------------------------------------------------------------------------------------------
 # background pushes and rotation
 
@@ -574,7 +609,7 @@ def test_render_push_after_a_push(run_dir):
     console = Console(record=True, width=200)
     render_push(plan, console)
     text = console.export_text()
-    assert text.startswith(f"pushed run {run_dir} -> {REPO} (branch exp, public, upload_folder)")
+    assert text.startswith(f"pushed run {run_dir} -> {REPO} (branch exp, private, upload_folder)")
     assert f"done: https://huggingface.co/{REPO}/tree/exp" in text
     assert "more files" in text and "dry run" not in text and TOKEN not in text
 
