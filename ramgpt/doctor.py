@@ -655,7 +655,8 @@ def _measured_speed(t: dict[str, Any], pin_bytes: int) -> probe.Speed | None:
     pinned = None
     if t.get("pin_ok"):
         pinned = probe.PinnedRate(pin_bytes, t.get("pin_s", 0.0), min(pin_bytes, 256 * MiB), t["h2d_gbps"], t["d2h_gbps"])
-    return probe.Speed(matmul, pinned)
+    adamw = probe.AdamwRate(**t["adamw"]) if t.get("adamw") else None
+    return probe.Speed(matmul, pinned, adamw)
 
 
 def _probe_time(ctx: _Ctx) -> list[CheckResult]:

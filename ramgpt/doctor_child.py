@@ -7,8 +7,9 @@ Run as ``python -m ramgpt.doctor_child PIN_BYTES NAMES [--matmul M,K,N]``:
   copies (:func:`ramgpt.probe.measure_pinned`); < 0: leave torch alone (the second child, which
   only imports the other packages in parallel);
 - ``NAMES``: comma-separated packages to import (their versions, or the first line of the error);
-- ``--matmul M,K,N``: also time a matmul of that shape on the GPU (bf16), or the CPU (fp32)
-  without one (:func:`ramgpt.probe.measure_matmul`), for ``doctor --profile``'s time projection.
+- ``--matmul M,K,N``: also time a matmul of that shape on the GPU (bf16), or the CPU (fp32, the
+  shape capped) without one (:func:`ramgpt.probe.measure_matmul`), and the CPU's fused AdamW
+  (:func:`ramgpt.probe.measure_adamw`), for ``doctor --profile``'s time projection.
 
 It prints one line, ``DOCTOR_JSON {...}`` (:data:`MARKER`), last; anything else on stdout is noise
 from the imported packages. Every failure is caught and reported in the JSON.
@@ -74,12 +75,16 @@ def probe_torch(pin_bytes: int, matmul: tuple[int, int, int] | None) -> tuple[di
     if matmul is not None:
         try:
             if not t["cuda"]:  # a GPU-sized product would take seconds on the CPU
-                from ramgpt.memory.report import CPU_MATMUL_TOKENS
+                from ramgpt.memory.report import cpu_matmul_shape
 
-                matmul = (min(matmul[0], CPU_MATMUL_TOKENS), matmul[1], matmul[2])
+                matmul = cpu_matmul_shape(matmul)
             t["matmul"] = probe.measure_matmul("cuda:0" if t["cuda"] else "cpu", matmul).to_dict()
         except Exception as e:  # noqa: BLE001
             t["matmul_error"] = _err(e)
+        try:
+            t["adamw"] = probe.measure_adamw().to_dict()
+        except Exception as e:  # noqa: BLE001 - the projection falls back to the assumed rate
+            t["adamw_error"] = _err(e)
     return t, {"ok": True, "version": torch.__version__}
 
 

@@ -483,20 +483,61 @@ def measure_pinned(pin_bytes: int, device: str = "cuda", *, copy_bytes: int = 25
 
 
 @dataclass(frozen=True)
+class AdamwRate:
+    """The CPU's fused AdamW step over fp32 parameters (the streamed engine's optimizer)."""
+
+    params: int
+    threads: int
+    params_per_s: float
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def measure_adamw(params: int = 2**23, *, min_s: float = 0.1, max_reps: int = 50) -> AdamwRate:
+    """Time ``torch.optim.AdamW(fused=True)`` steps over ``params`` fp32 parameters on the CPU
+    (8 Mi by default: 128 MiB of weights, grads and moments, past any cache, as the real 1.1 B are)."""
+    import torch
+
+    p = torch.nn.Parameter(torch.zeros(int(params)))
+    p.grad = torch.full_like(p, 1e-3)
+    try:
+        opt = torch.optim.AdamW([p], lr=1e-4, fused=True)
+        opt.step()  # allocates the moments
+    except (RuntimeError, TypeError):  # an old torch without the fused CPU kernel
+        opt = torch.optim.AdamW([p], lr=1e-4, foreach=True)
+        opt.step()
+    reps = 0
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < min_s and reps < max_reps:
+        opt.step()
+        reps += 1
+    elapsed = time.perf_counter() - t0
+    return AdamwRate(int(params), torch.get_num_threads(), params * reps / elapsed, elapsed)
+
+
+@dataclass(frozen=True)
 class Speed:
-    """What :func:`measure_speed` found: the matmul rate, and the pinned link on a GPU."""
+    """What :func:`measure_speed` found: the matmul rate, the pinned link on a GPU, and the CPU's
+    AdamW rate."""
 
     matmul: MatmulRate
     pinned: PinnedRate | None = None
+    adamw: AdamwRate | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"matmul": self.matmul.to_dict(), "pinned": self.pinned.to_dict() if self.pinned else None}
+        return {
+            "matmul": self.matmul.to_dict(),
+            "pinned": self.pinned.to_dict() if self.pinned else None,
+            "adamw": self.adamw.to_dict() if self.adamw else None,
+        }
 
 
 def measure_speed(device: str, shape: tuple[int, int, int], *, pin_bytes: int = 256 * MiB) -> Speed | None:
-    """The matmul rate of ``device`` at ``shape`` and, on a GPU, the pinned copy rates; about a
-    second in all, plus torch's import and CUDA's start. None when ``device`` is a GPU that torch
-    cannot use, or the measurement fails."""
+    """The matmul rate of ``device`` at ``shape``, on a GPU the pinned copy rates, and the CPU's
+    AdamW rate; about a second in all, plus torch's import and CUDA's start. None when ``device``
+    is a GPU that torch cannot use, or the matmul cannot be timed."""
     try:
         matmul = measure_matmul(device, shape)
     except Exception:  # noqa: BLE001 - no rate, no projection; never a crash
@@ -507,10 +548,15 @@ def measure_speed(device: str, shape: tuple[int, int, int], *, pin_bytes: int = 
             pinned = measure_pinned(pin_bytes, device)
         except Exception:  # noqa: BLE001
             pinned = None
-    return Speed(matmul, pinned)
+    try:
+        adamw = measure_adamw()
+    except Exception:  # noqa: BLE001 - the assumed rate stands in
+        adamw = None
+    return Speed(matmul, pinned, adamw)
 
 
 __all__ = [
+    "AdamwRate",
     "Gpu",
     "HubAnswer",
     "HubPing",
@@ -524,6 +570,7 @@ __all__ = [
     "hub_offline",
     "hub_ping",
     "hub_reachable",
+    "measure_adamw",
     "measure_matmul",
     "measure_pinned",
     "measure_speed",

@@ -283,10 +283,10 @@ def test_unknown_card_is_one_line():
     assert r.exit_code == 2 and "not a known card class" in r.output and "rtx3050-6gb" in r.output
 
 
-def _fake_speed(device="cuda:0", tflops=100.0, h2d=20.0, d2h=25.0):
+def _fake_speed(device="cuda:0", tflops=100.0, h2d=20.0, d2h=25.0, adamw=None):
     mm = probe.MatmulRate(device, "Fake GPU" if device != "cpu" else "CPU", "bf16", (8192, 1536, 6144), tflops, 0.3)
     pinned = probe.PinnedRate(256 * MiB, 0.1, 256 * MiB, h2d, d2h) if device != "cpu" else None
-    return probe.Speed(mm, pinned)
+    return probe.Speed(mm, pinned, probe.AdamwRate(2**23, 2, adamw, 0.1) if adamw else None)
 
 
 def test_measured_rates_feed_the_time_and_the_link(monkeypatch):
@@ -315,10 +315,14 @@ def test_no_gpu_to_measure_says_so(monkeypatch):
 
 def test_cpu_measurement_projects_a_cpu_run(monkeypatch):
     _no_gpu(monkeypatch)
-    monkeypatch.setattr(probe, "measure_speed", lambda device, shape: _fake_speed("cpu", tflops=0.05))
-    est = M.estimate(load_profile("micro-test", use_env=False), speed="auto")
+    asked = []
+    monkeypatch.setattr(probe, "measure_speed",
+                        lambda device, shape: asked.append(shape) or _fake_speed("cpu", tflops=0.05, adamw=1e8))
+    p = load_profile("micro-test", use_env=False)
+    est = M.estimate(p, speed="auto")
+    assert asked == [(1024, 128, 512)]  # one micro-batch (8 x 128 tokens) through the MLP, C = 128
     assert est.device == "cpu" and est.time is not None
-    assert est.time.transfer_s == 0 and est.time.optimizer_s > 0
+    assert est.time.transfer_s == 0 and est.time.optimizer_s == pytest.approx(est.params["total"] / 1e8)
     assert est.time.compute_s == pytest.approx(
         est.time.flops_per_token * est.time.tokens_per_step / (0.05e12 * M.DEFAULT_SPEED.measured_efficiency_cpu)
     )

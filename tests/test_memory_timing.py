@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from ramgpt import memory as M
+from ramgpt import probe
 from ramgpt.config import load_profile
 from ramgpt.memory import timing as TM
 
@@ -46,7 +47,8 @@ def test_streamed_step_term_by_term():
     assert t.transfer_s == pytest.approx(max(pcie.h2d_bytes, pcie.d2h_bytes) / 12e9)
     chunk_params = sum(c.params for c in M.chunk_sizes(p.model))
     assert t.host_accum_s == pytest.approx(12 * chunk_params / (a.host_accum_params_per_thread_s * 8))
-    assert t.optimizer_s == pytest.approx(N_1B / (a.adamw_params_per_thread_s * 8) + N_1B / (a.optimizer_rest_params_per_thread_s * 8))
+    # fused AdamW at the assumed per-thread rate, and the clip + bf16 refresh that follow it
+    assert t.optimizer_s == pytest.approx(N_1B / (a.adamw_params_per_thread_s * 8) * (1 + a.optimizer_rest_ratio))
     assert t.step_s == pytest.approx(max(t.compute_s, t.transfer_s, t.host_accum_s) + t.optimizer_s)
     assert t.bound == "compute"
     assert t.run_s == pytest.approx(t.step_s * p.optim.max_steps) and t.run_days == pytest.approx(t.run_s / 86400)
@@ -75,6 +77,15 @@ def test_resident_gpu_and_cpu():
     assert cpu.transfer_s == 0 and cpu.flops_per_token == TM.flops_per_token(p.model, p.data.seq_len, "none")
     n = M.estimate(p, detect=False).params["total"]
     assert cpu.optimizer_s == pytest.approx(n / (TM.DEFAULT_SPEED.adamw_params_per_thread_s * 2))
+
+
+def test_a_measured_adamw_rate_replaces_the_assumed_one():
+    p = load_profile("rtx3050-6gb", use_env=False)
+    pcie = M.pcie_per_step(p, 16, "streamed")
+    measured = TM.Rates("cuda", 100.0, 0.5, 6, "test", adamw_params_per_s=5e8)
+    t = TM.project_time(p, engine="streamed", device="cuda", pcie=pcie, rates=measured)
+    assert t.optimizer_s == pytest.approx(N_1B / 5e8 * (1 + TM.DEFAULT_SPEED.optimizer_rest_ratio))
+    assert any("measured here at 500 M params/s" in x for x in t.assumptions)
 
 
 def test_threads_beyond_the_measured_16_count_as_16():
@@ -125,3 +136,30 @@ def test_lines_read_as_a_plan():
     assert "card class rtx3050-6gb" in third
     d = t.to_dict()
     assert d["run_days"] == t.run_days and d["rates"]["sustained_tflops"] == pytest.approx(13.5 * 0.4)
+
+
+# The rates ramgpt.probe measured on the H200 machine (2026-11-29: bf16 GEMM 8192x1536x6144 at
+# 642-660 TFLOP/s, pinned copies 54.9 GB/s each way, fused AdamW over 1.1 B fp32 parameters 0.278 s
+# on 16 threads) against the runs measured there (docs/benchmarks.md: streamed round 2, resident
+# round 1), as `estimate-memory` would project them on that machine.
+H200_SPEED = probe.Speed(
+    probe.MatmulRate("cuda:0", "NVIDIA H200", "bf16", (8192, 1536, 6144), 651.0, 0.3),
+    probe.PinnedRate(2**28, 0.14, 2**28, 54.9, 54.9),
+    probe.AdamwRate(N_1B // 4, 16, N_1B / 0.278, 0.3),
+)
+H200_RUNS = [
+    ("rtx3050-6gb", [], "streamed", 16, 34_084),
+    ("1b", ["runtime.engine=resident", "optim.micro_batch_size=8", "optim.grad_accum_steps=24"], "resident", 8, 43_150),
+]
+
+
+@pytest.mark.parametrize("name,sets,engine,spp,measured", H200_RUNS)
+def test_measured_h200_rates_match_the_measured_runs(name, sets, engine, spp, measured):
+    from dataclasses import replace
+
+    p = load_profile(name, sets, use_env=False)
+    rates = TM.Rates.from_speed(H200_SPEED, 16)
+    assert rates.link_gbps == 54.9 and rates.adamw_params_per_s == pytest.approx(N_1B / 0.278)
+    pcie = replace(M.pcie_per_step(p, spp, engine), link_gbps=rates.link_gbps)
+    t = TM.project_time(p, engine=engine, device="cuda", pcie=pcie, rates=rates)
+    assert t.tokens_per_s == pytest.approx(measured, rel=0.10)  # the issue asks for 25%

@@ -191,6 +191,13 @@ def test_measure_matmul_on_the_cpu() -> None:
     assert set(r.to_dict()) == {"device", "device_name", "dtype", "shape", "tflops", "seconds"}
 
 
+def test_measure_adamw() -> None:
+    import torch
+
+    r = probe.measure_adamw(2**16, min_s=0.02)
+    assert r.params == 2**16 and r.threads == torch.get_num_threads() and r.params_per_s > 0 and r.seconds >= 0.02
+
+
 def test_measure_speed_without_cuda_is_none() -> None:
     import torch
 
@@ -198,7 +205,7 @@ def test_measure_speed_without_cuda_is_none() -> None:
         pytest.skip("this machine has CUDA")
     assert probe.measure_speed("cuda", (64, 64, 64)) is None
     cpu = probe.measure_speed("cpu", (32, 64, 64))
-    assert cpu is not None and cpu.pinned is None and cpu.matmul.tflops > 0
+    assert cpu is not None and cpu.pinned is None and cpu.matmul.tflops > 0 and cpu.adamw.params_per_s > 0
 
 
 @pytest.mark.skipif("not __import__('torch').cuda.is_available()")

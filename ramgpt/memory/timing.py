@@ -97,13 +97,16 @@ class SpeedAssumptions:
     resident 40.6k tokens/s both did 0.40-0.41 x 989 TFLOP/s counting the recompute."""
     measured_efficiency_gpu: float = 0.60
     """Share of the measured bf16 GEMM rate (the model's MLP shape) a whole step sustains on a GPU."""
-    measured_efficiency_cpu: float = 0.50
-    """Share of the measured fp32 GEMM rate a whole step sustains on the CPU."""
+    measured_efficiency_cpu: float = 0.60
+    """Share of the measured fp32 GEMM rate a whole step sustains on the CPU (a 4-layer, 512-wide
+    model at seq 256 on a loaded 2-core machine: 0.6-0.7)."""
     adamw_params_per_thread_s: float = 1.1e9 / 0.26 / 16
-    """Fused CPU AdamW over fp32 masters: 1.1 B parameters took 0.26 s on 16 threads (H200 machine)."""
-    optimizer_rest_params_per_thread_s: float = 1.1e9 / 0.58 / 16
+    """Fused CPU AdamW over fp32 masters where it is not measured (``--card``): 1.1 B parameters
+    took 0.26 s on 16 threads (H200 machine; 0.28 s re-measured)."""
+    optimizer_rest_ratio: float = 0.58 / 0.26
     """The rest of the streamed engine's optimizer phase (gradient-norm clip over the fp32 grads,
-    refresh of the pinned bf16 copies, zeroing): the H100 machine's 0.84 s phase minus AdamW's 0.26 s."""
+    refresh of the pinned bf16 copies, zeroing) per second of AdamW: the H100 machine's 0.84 s
+    phase was 0.26 s of AdamW and 0.58 s of the rest."""
     host_accum_params_per_thread_s: float = 1.1e9 / 0.69 / 16
     """``runtime.grad_accum=host``: the CPU worker's bf16 -> fp32 add, 0.69 s per pass of the 1b on
     16 cores (H100 machine, round 1)."""
@@ -130,6 +133,7 @@ class Rates:
     source: str
     link_gbps: float | None = None  # the pinned link, when measured or assumed with a card
     link_source: str = ""
+    adamw_params_per_s: float | None = None  # this CPU's fused AdamW, all threads, when measured
 
     @property
     def sustained_tflops(self) -> float:
@@ -153,6 +157,7 @@ class Rates:
         eff = a.measured_efficiency_gpu if cuda else a.measured_efficiency_cpu
         shape = "x".join(str(x) for x in m.shape)
         link = link_source = None
+        adamw = speed.adamw.params_per_s if speed.adamw is not None else None
         if speed.pinned is not None:
             p = speed.pinned
             link = min(p.h2d_gbps, p.d2h_gbps)
@@ -160,7 +165,7 @@ class Rates:
         return cls(
             "cuda" if cuda else "cpu", m.tflops, eff, threads,
             f"measured: {m.dtype} matmul {shape} on {m.device_name}, {m.tflops:.3g} TFLOP/s x {eff:g}",
-            link, link_source or "",
+            link, link_source or "", adamw,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -308,10 +313,11 @@ def project_time(
         chunk_params = sum(c.params for c in chunk_sizes(cfg))
         host_accum_s = pcie.passes_per_step * chunk_params / (a.host_accum_params_per_thread_s * threads)
     optimizer_s = 0.0
+    adamw_rate = rates.adamw_params_per_s or a.adamw_params_per_thread_s * threads
     if not cuda or streamed:  # the resident engine's fused AdamW on the GPU takes milliseconds
-        optimizer_s = n / (a.adamw_params_per_thread_s * threads)
+        optimizer_s = n / adamw_rate
         if streamed:
-            optimizer_s += n / (a.optimizer_rest_params_per_thread_s * threads)
+            optimizer_s *= 1.0 + a.optimizer_rest_ratio
     overlapped = {"compute": compute_s, "transfer": transfer_s, "CPU gradient sum": host_accum_s}
     bound = max(overlapped, key=lambda k: overlapped[k])
     step_s = overlapped[bound] + optimizer_s
@@ -327,9 +333,13 @@ def project_time(
         )
     if optimizer_s:
         notes.append(
-            f"CPU optimizer on {threads} threads: fused AdamW at {a.adamw_params_per_thread_s / 1e6:.0f} M params/s "
-            "per thread (1.1 B params in 0.26 s on 16 threads, H200 machine)"
-            + (", plus clip and bf16 refresh (H100 machine: 0.58 s for 1.1 B on 16)" if streamed else "")
+            (
+                f"CPU optimizer: fused AdamW measured here at {adamw_rate / 1e6:,.0f} M params/s"
+                if rates.adamw_params_per_s
+                else f"CPU optimizer on {threads} threads: fused AdamW at {a.adamw_params_per_thread_s / 1e6:.0f} M "
+                "params/s per thread (assumed: 1.1 B params in 0.26 s on 16 threads, H200 machine)"
+            )
+            + (f", x {1 + a.optimizer_rest_ratio:.2f} for the clip and the bf16 refresh (H100 machine)" if streamed else "")
         )
     else:
         notes.append("optimizer: fused AdamW on the GPU (milliseconds; not counted)")
