@@ -91,6 +91,7 @@ class _Child:
                 subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
             )
         self._result: dict[str, Any] | None = None
+        self._error: Exception | None = None
 
     def _collect(self, proc: subprocess.Popen, deadline: float) -> dict[str, Any]:
         from ramgpt.doctor_child import MARKER
@@ -110,8 +111,14 @@ class _Child:
     def result(self) -> dict[str, Any]:
         if self._result is not None:
             return self._result
+        if self._error is not None:  # every check that asks again gets the first answer
+            raise self._error
         deadline = time.monotonic() + CHILD_TIMEOUT_S
-        first = self._collect(self.procs[0], deadline)
+        try:
+            first = self._collect(self.procs[0], deadline)
+        except Exception as e:
+            self._error = e
+            raise
         try:
             second = self._collect(self.procs[1], deadline)
         except Exception as e:

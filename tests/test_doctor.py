@@ -4,6 +4,8 @@ secrets, and exits non-zero only when a blocking check fails."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 
 import pytest
@@ -325,3 +327,22 @@ def test_hub_check_uses_the_shared_probe(monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: refused at once
     hub = _check(D.run_doctor(None), "Hub reachable")
     assert hub.status == "warn" and "127.0.0.1:9 unreachable" in hub.message and "Connection refused" in hub.message
+
+
+def test_a_timed_out_child_is_reported_the_same_by_every_check(monkeypatch):
+    """The first check that waits for the child kills it at the deadline; the later checks report
+    that timeout too, not the killed process's exit code."""
+    monkeypatch.setattr(D, "CHILD_TIMEOUT_S", 0.5)
+    child = D._Child.__new__(D._Child)
+    child.procs = [
+        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    child._result, child._error = None, None
+    monkeypatch.setattr(D, "_Child", lambda pin, matmul=None: child)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    results = D.run_doctor(None)
+    for name in ("torch", "GPU", "pinned memory", "packages"):
+        assert "did not finish in" in _check(results, name).message, name
+    assert all(p.poll() is not None for p in child.procs)  # nothing left running
