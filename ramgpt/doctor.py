@@ -36,7 +36,7 @@ MiB = 2**20
 PACKAGES = ("torch", "ramtorch", "transformers", "datasets", "huggingface_hub", "wandb")
 DEFAULT_PIN_BYTES = 256 * MiB
 MAX_PIN_BYTES = 8 * GiB
-CHILD_TIMEOUT_S = 25.0
+CHILD_TIMEOUT_S = 60.0  # a hang guard: a cold `import torch` on a busy 2-core machine took 25 s
 HUB_TIMEOUT_S = 2.0
 
 
