@@ -323,7 +323,7 @@ def project_time(
     step_s = overlapped[bound] + optimizer_s
     notes = [
         f"FLOPs per token {fpt / 1e9:.2f} G: {_RECOMPUTE_TEXT[rec]} (N = parameters but the position table)",
-        f"sustained {rates.sustained_tflops:.3g} TFLOP/s ({rates.source})",
+        f"sustained {rates.sustained_tflops:.3g} TFLOP/s; {rates.source}",
     ]
     if cuda:
         notes.append(
