@@ -218,10 +218,21 @@ def estimate_memory(
     micro_test: MicroTestOpt = False,
     vram_gib: Annotated[float | None, typer.Option("--vram-gib", help="VRAM to plan for (default: detected or the budget).")] = None,
     ram_gib: Annotated[float | None, typer.Option("--ram-gib", help="CPU RAM to plan for (default: detected).")] = None,
-    link_gbps: Annotated[float | None, typer.Option("--link-gbps", help="Host-device link rate in GB/s (default: assumed).")] = None,
+    link_gbps: Annotated[float | None, typer.Option("--link-gbps", help="Host-device link rate in GB/s (default: measured, the card's, or assumed).")] = None,
+    card: Annotated[
+        str | None,
+        typer.Option("--card", metavar="NAME", help="Plan for a card class you do not have (its VRAM, speed and link): "
+                     "rtx3050-6gb, rtx3060-12gb, rtx4060-8gb, h100, h200."),
+    ] = None,
+    time_: Annotated[
+        bool, typer.Option("--time/--no-time", help="Project step time and run length (measures a ~1 s matmul here unless --card).")
+    ] = True,
     json_: JsonOpt = False,
 ) -> None:
-    """Predict VRAM, CPU RAM, disk and PCIe traffic a profile needs, and whether it fits."""
+    """Predict VRAM, CPU RAM, disk, PCIe traffic and run time of a profile, and whether it fits.
+
+    Exit codes: 0 it fits (or there is nothing to compare with), 8 it does not fit the VRAM,
+    9 it does not fit the RAM, 10 neither; 2 a bad profile or option."""
     from ramgpt.memory import estimate
     from ramgpt.render import render_estimate
 
@@ -229,11 +240,18 @@ def estimate_memory(
         if v is not None and v <= 0:
             raise ConfigError(f"{name} must be positive, got {v}")
     prof = _load(profile, set_, micro_test)
-    est = estimate(prof, vram_gib=vram_gib, ram_gib=ram_gib, link_gbps=link_gbps)
+    est = estimate(prof, vram_gib=vram_gib, ram_gib=ram_gib, link_gbps=link_gbps, card=card,
+                   speed="auto" if time_ else None)
     if json_:
         typer.echo(json.dumps(est.to_dict(), indent=2, ensure_ascii=False))
     else:
         render_estimate(est, Console())
+    # "does not fit" is an answer, not an error: its own codes, after the report (docs/memory-model.md)
+    code = {(False, False): 0, (True, False): 8, (False, True): 9, (True, True): 10}[
+        (est.fits_vram is False, est.fits_ram is False)
+    ]
+    if code:
+        raise typer.Exit(code)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -15,12 +15,14 @@ import platform
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
+
+from ramgpt import probe
+from ramgpt.fmt import error_line, fmt_bytes
 
 if TYPE_CHECKING:  # pragma: no cover
     from ramgpt.config import Profile
@@ -34,9 +36,8 @@ MiB = 2**20
 PACKAGES = ("torch", "ramtorch", "transformers", "datasets", "huggingface_hub", "wandb")
 DEFAULT_PIN_BYTES = 256 * MiB
 MAX_PIN_BYTES = 8 * GiB
-CHILD_TIMEOUT_S = 25.0
+CHILD_TIMEOUT_S = 60.0  # a hang guard: a cold `import torch` on a busy 2-core machine took 25 s
 HUB_TIMEOUT_S = 2.0
-HUB_URL = "https://huggingface.co/api/models/gpt2"
 
 
 @dataclass(frozen=True)
@@ -59,115 +60,42 @@ def blocking_failures(results: list[CheckResult]) -> bool:
     return any(r.status == "fail" and r.blocking for r in results)
 
 
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
-
-
-def _gib(n: float) -> str:
-    if abs(n) < GiB:
-        return f"{n / MiB:.0f} MiB"
-    return f"{n / GiB:.1f} GiB"
-
-
 # ---------------------------------------------------------------------------------------------
-# the child process: torch, CUDA, pinned memory, package imports
-
-_CHILD = r"""
-import importlib, json, sys, time
-pin_bytes = int(sys.argv[1])
-names = [n for n in sys.argv[2].split(",") if n]
-out = {"packages": {}, "torch": None}
-if pin_bytes < 0:
-    names = [n for n in names if n != "torch"]
-def version_of(name, mod):
-    v = getattr(mod, "__version__", None)
-    if v is None:
-        try:
-            from importlib.metadata import version
-            v = version(name)
-        except Exception:
-            v = "unknown"
-    return str(v)
-try:
-    if pin_bytes < 0:
-        raise ImportError("skipped")
-    import torch
-    t = {"version": torch.__version__, "cuda_build": torch.version.cuda, "cuda": False}
-    out["packages"]["torch"] = {"ok": True, "version": torch.__version__}
-    try:
-        t["cuda"] = bool(torch.cuda.is_available())
-        if t["cuda"]:
-            p = torch.cuda.get_device_properties(0)
-            free, total = torch.cuda.mem_get_info(0)
-            t.update(name=p.name, capability=[p.major, p.minor], total=int(total), free=int(free),
-                     bf16=bool(torch.cuda.is_bf16_supported()), context=int(total - free - torch.cuda.memory_reserved(0)))
-            try:
-                t0 = time.perf_counter()
-                host = torch.empty(pin_bytes, dtype=torch.uint8, pin_memory=True)
-                t["pin_ok"] = True
-                t["pin_s"] = time.perf_counter() - t0
-                n = min(pin_bytes, 256 * 2**20)
-                src = host[:n]
-                dev = torch.empty(n, dtype=torch.uint8, device="cuda")
-                dev.copy_(src, non_blocking=True); src.copy_(dev, non_blocking=True)
-                torch.cuda.synchronize()
-                reps = 4
-                t0 = time.perf_counter()
-                for _ in range(reps):
-                    dev.copy_(src, non_blocking=True)
-                torch.cuda.synchronize()
-                t["h2d_gbps"] = reps * n / (time.perf_counter() - t0) / 1e9
-                t0 = time.perf_counter()
-                for _ in range(reps):
-                    src.copy_(dev, non_blocking=True)
-                torch.cuda.synchronize()
-                t["d2h_gbps"] = reps * n / (time.perf_counter() - t0) / 1e9
-                del host, src, dev
-                torch.cuda.empty_cache()
-            except Exception as e:
-                t["pin_ok"] = False
-                t["pin_error"] = (type(e).__name__ + ": " + str(e).strip().splitlines()[0])[:300] if str(e).strip() else type(e).__name__
-    except Exception as e:
-        t["cuda_error"] = (type(e).__name__ + ": " + str(e))[:300]
-    out["torch"] = t
-except Exception as e:
-    if pin_bytes >= 0:
-        out["packages"]["torch"] = {"ok": False, "error": (type(e).__name__ + ": " + str(e))[:300]}
-for name in names:
-    if name == "torch":
-        continue
-    try:
-        mod = importlib.import_module(name)
-        out["packages"][name] = {"ok": True, "version": version_of(name, mod)}
-    except BaseException as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        out["packages"][name] = {"ok": False, "error": (type(e).__name__ + (": " + msg if msg else ""))[:300]}
-print("DOCTOR_JSON " + json.dumps(out))
-"""
+# the child processes: torch, CUDA, pinned memory, a matmul, package imports (ramgpt.doctor_child)
 
 
 class _Child:
     """The torch/CUDA/imports probe, started early and collected late: one child process for
-    torch, CUDA, pinned memory and ramtorch, a second one (in parallel) for the other packages."""
+    torch, CUDA, pinned memory, the matmul rate and ramtorch, a second one (in parallel) for the
+    other packages. Both run :mod:`ramgpt.doctor_child` from the ramgpt this process imported."""
 
     GROUPS = (("torch", "ramtorch"), ("transformers", "datasets", "huggingface_hub", "wandb"))
 
-    def __init__(self, pin_bytes: int):
-        env = {**os.environ, "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"}
-        self.procs = [
-            subprocess.Popen(
-                [sys.executable, "-c", _CHILD, str(int(pin_bytes) if i == 0 else -1), ",".join(group)],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-                env=env,
+    def __init__(self, pin_bytes: int, matmul: tuple[int, int, int] | None = None):
+        import ramgpt
+
+        root = str(Path(ramgpt.__file__).resolve().parent.parent)
+        path = os.environ.get("PYTHONPATH")
+        env = {
+            **os.environ,
+            "PYTHONWARNINGS": "ignore",
+            "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONPATH": root + (os.pathsep + path if path else ""),
+        }
+        self.procs = []
+        for i, group in enumerate(self.GROUPS):
+            args = [sys.executable, "-m", "ramgpt.doctor_child", str(int(pin_bytes) if i == 0 else -1), ",".join(group)]
+            if i == 0 and matmul is not None:
+                args += ["--matmul", ",".join(str(int(x)) for x in matmul)]
+            self.procs.append(
+                subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
             )
-            for i, group in enumerate(self.GROUPS)
-        ]
         self._result: dict[str, Any] | None = None
+        self._error: Exception | None = None
 
     def _collect(self, proc: subprocess.Popen, deadline: float) -> dict[str, Any]:
+        from ramgpt.doctor_child import MARKER
+
         try:
             out, err = proc.communicate(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
@@ -175,20 +103,26 @@ class _Child:
             proc.communicate()
             raise TimeoutError(f"the torch/CUDA/import probe did not finish in {CHILD_TIMEOUT_S:.0f} s") from None
         for line in reversed(out.splitlines()):
-            if line.startswith("DOCTOR_JSON "):
-                return json.loads(line[len("DOCTOR_JSON ") :])
+            if line.startswith(MARKER):
+                return json.loads(line[len(MARKER) :])
         tail = (err.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
         raise RuntimeError(f"the torch/CUDA/import probe crashed: {tail[:200]}")
 
     def result(self) -> dict[str, Any]:
         if self._result is not None:
             return self._result
+        if self._error is not None:  # every check that asks again gets the first answer
+            raise self._error
         deadline = time.monotonic() + CHILD_TIMEOUT_S
-        first = self._collect(self.procs[0], deadline)
+        try:
+            first = self._collect(self.procs[0], deadline)
+        except Exception as e:
+            self._error = e
+            raise
         try:
             second = self._collect(self.procs[1], deadline)
         except Exception as e:
-            second = {"packages": {n: {"ok": False, "error": _one_line(e)} for n in self.GROUPS[1]}}
+            second = {"packages": {n: {"ok": False, "error": error_line(e)} for n in self.GROUPS[1]}}
         first["packages"].update(second["packages"])
         self._result = first
         return first
@@ -197,36 +131,7 @@ class _Child:
         for p in self.procs:
             if p.poll() is None:
                 p.kill()
-
-
-class _HubPing:
-    """HEAD request to the Hub in a daemon thread (DNS lookups ignore socket timeouts)."""
-
-    def __init__(self) -> None:
-        self.outcome: tuple[bool, str] | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True, name="ramgpt-doctor-hub")
-        self.thread.start()
-
-    def _run(self) -> None:
-        import urllib.request
-
-        t0 = time.perf_counter()
-        try:
-            req = urllib.request.Request(HUB_URL, method="HEAD", headers={"User-Agent": "ramgpt-doctor"})
-            with urllib.request.urlopen(req, timeout=HUB_TIMEOUT_S) as r:
-                self.outcome = (True, f"HTTP {r.status} in {time.perf_counter() - t0:.1f} s")
-        except Exception as e:
-            code = getattr(e, "code", None)
-            if code is not None:  # an HTTP error still means the Hub answered
-                self.outcome = (True, f"HTTP {code} in {time.perf_counter() - t0:.1f} s")
-            else:
-                self.outcome = (False, _one_line(e)[:160])
-
-    def result(self) -> tuple[bool, str]:
-        self.thread.join(HUB_TIMEOUT_S + 0.5)
-        if self.outcome is None:
-            return False, f"no answer within {HUB_TIMEOUT_S + 0.5:.1f} s"
-        return self.outcome
+                p.communicate()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,7 +142,7 @@ class _HubPing:
 class _Ctx:
     profile: Profile | None
     child: _Child | None
-    hub: _HubPing | None
+    hub: probe.HubPing | None
     estimate: MemoryEstimate | None = None
     estimate_error: str | None = None
 
@@ -246,10 +151,6 @@ class _Ctx:
             raise RuntimeError("torch probe not started")
         info = self.child.result()
         return info
-
-
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,32 +231,8 @@ def _ver_tuple(v: str) -> tuple[int, ...]:
     return tuple(parts)
 
 
-def _nvml() -> dict[str, Any] | None:
-    """Driver and GPU facts from NVML (no CUDA context); None without a driver."""
-    try:
-        import pynvml
-    except Exception:
-        return None
-    try:
-        pynvml.nvmlInit()
-    except Exception:
-        return None
-    try:
-        out: dict[str, Any] = {}
-        drv = pynvml.nvmlSystemGetDriverVersion()
-        out["driver"] = drv.decode() if isinstance(drv, bytes) else str(drv)
-        cv = int(pynvml.nvmlSystemGetCudaDriverVersion())
-        out["cuda"] = f"{cv // 1000}.{(cv % 1000) // 10}"
-        return out
-    finally:
-        try:
-            pynvml.nvmlShutdown()
-        except Exception:
-            pass
-
-
 def _driver_cuda_version() -> str | None:
-    info = _nvml()
+    info = probe.nvml_driver()
     if info:
         return info["cuda"]
     exe = shutil.which("nvidia-smi")
@@ -388,9 +265,9 @@ def _probe_gpu(ctx: _Ctx) -> list[CheckResult]:
             )
         ]
     cap = t.get("capability") or [0, 0]
-    nv = _nvml() or {}
+    nv = probe.nvml_driver() or {}
     msg = (
-        f"{t.get('name')} (sm_{cap[0]}{cap[1]}), {_gib(t.get('total', 0))} total, {_gib(t.get('free', 0))} free, "
+        f"{t.get('name')} (sm_{cap[0]}{cap[1]}), {fmt_bytes(t.get('total', 0))} total, {fmt_bytes(t.get('free', 0))} free, "
         f"driver {nv.get('driver', '?')}"
     )
     out = [CheckResult("GPU", "ok", msg, group="gpu")]
@@ -421,10 +298,7 @@ def _probe_gpu(ctx: _Ctx) -> list[CheckResult]:
 
 def _probe_cpu(ctx: _Ctx) -> CheckResult:
     n = os.cpu_count() or 1
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        usable = n
+    usable = probe.usable_cores()
     msg = f"{usable} usable CPU cores" + (f" (of {n})" if usable != n else "")
     if usable < 4:
         return CheckResult(
@@ -434,15 +308,15 @@ def _probe_cpu(ctx: _Ctx) -> CheckResult:
 
 
 def _ram() -> tuple[int, int]:
-    import psutil
-
-    vm = psutil.virtual_memory()
-    return int(vm.total), int(vm.available)
+    r = probe.ram()
+    if r is None:
+        raise RuntimeError("psutil cannot read the RAM (is psutil installed?)")
+    return r
 
 
 def _probe_ram(ctx: _Ctx) -> CheckResult:
     total, avail = _ram()
-    msg = f"{_gib(total)} total, {_gib(avail)} available"
+    msg = f"{fmt_bytes(total)} total, {fmt_bytes(avail)} available"
     if avail < 4 * GiB:
         return CheckResult("RAM", "warn", msg, "close other programs: the 1b profile needs ~23 GiB")
     return CheckResult("RAM", "ok", msg)
@@ -471,13 +345,13 @@ def _probe_pinned(ctx: _Ctx) -> CheckResult:
         return CheckResult(
             "pinned memory",
             "fail",
-            f"could not pin {_gib(size)}: {t.get('pin_error', 'unknown error')}",
+            f"could not pin {fmt_bytes(size)}: {t.get('pin_error', 'unknown error')}",
             "free RAM or raise the container's locked-memory limit (ulimit -l / --ulimit memlock=-1)",
             blocking=ctx.profile is not None and ctx.profile.runtime.engine == "streamed",
             group="gpu",
         )
     h2d, d2h = t.get("h2d_gbps", 0.0), t.get("d2h_gbps", 0.0)
-    msg = f"pinned {_gib(size)} in {t.get('pin_s', 0):.1f} s; H2D {h2d:.1f} GB/s, D2H {d2h:.1f} GB/s"
+    msg = f"pinned {fmt_bytes(size)} in {t.get('pin_s', 0):.1f} s; H2D {h2d:.1f} GB/s, D2H {d2h:.1f} GB/s"
     if min(h2d, d2h) < 6:
         return CheckResult(
             "pinned memory",
@@ -500,11 +374,11 @@ def _checkpoint_dir(profile: Profile | None) -> Path:
 def _probe_disk(ctx: _Ctx) -> CheckResult:
     where = _checkpoint_dir(ctx.profile)
     free = shutil.disk_usage(where).free
-    msg = f"{_gib(free)} free at {where}"
+    msg = f"{fmt_bytes(free)} free at {where}"
     est = ctx.estimate
     if est is not None:
         per, worst = est.disk.per_checkpoint, est.disk.worst_case
-        msg += f"; a checkpoint is {_gib(per)}, up to {_gib(worst)} with keep_last_n={est.disk.keep_last_n}"
+        msg += f"; a checkpoint is {fmt_bytes(per)}, up to {fmt_bytes(worst)} with keep_last_n={est.disk.keep_last_n}"
         if per > free:
             return CheckResult(
                 "disk (checkpoints)",
@@ -531,7 +405,7 @@ def _probe_hf_cache(ctx: _Ctx) -> CheckResult:
     while not where.exists() and where != where.parent:
         where = where.parent
     free = shutil.disk_usage(where).free
-    msg = f"{_gib(free)} free for the HF cache ({cache})"
+    msg = f"{fmt_bytes(free)} free for the HF cache ({cache})"
     if free < 20 * GiB and ctx.profile is not None and ctx.profile.data.source == "hub":
         return CheckResult(
             "disk (HF cache)",
@@ -649,7 +523,7 @@ def _probe_tokens(ctx: _Ctx) -> list[CheckResult]:
 
 
 def _probe_hub(ctx: _Ctx) -> CheckResult:
-    if _env_flag("HF_HUB_OFFLINE") or _env_flag("TRANSFORMERS_OFFLINE"):
+    if probe.hub_offline():
         return CheckResult(
             "Hub reachable",
             "warn",
@@ -659,13 +533,14 @@ def _probe_hub(ctx: _Ctx) -> CheckResult:
         )
     if ctx.hub is None:
         raise RuntimeError("hub check not started")
-    ok, detail = ctx.hub.result()
-    if ok:
-        return CheckResult("Hub reachable", "ok", f"huggingface.co answered ({detail})", group="hub")
+    ans = ctx.hub.result()
+    host = ctx.hub.url.split("://", 1)[-1]
+    if ans.ok:
+        return CheckResult("Hub reachable", "ok", f"{host} answered ({ans.detail})", group="hub")
     return CheckResult(
         "Hub reachable",
         "warn",
-        f"huggingface.co unreachable ({detail})",
+        f"{host} unreachable ({ans.detail})",
         "work offline: the embedded tokenizer and corpus need no network; set HF_HUB_OFFLINE=1 to use cached data",
         group="hub",
     )
@@ -677,7 +552,7 @@ def _probe_limits(ctx: _Ctx) -> list[CheckResult]:
     soft, hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
 
     def fmt(v: int) -> str:
-        return "unlimited" if v == resource.RLIM_INFINITY else (_gib(v) if v >= GiB else f"{v / MiB:.0f} MiB")
+        return "unlimited" if v == resource.RLIM_INFINITY else (fmt_bytes(v) if v >= GiB else f"{v / MiB:.0f} MiB")
 
     out = [
         CheckResult(
@@ -694,12 +569,12 @@ def _probe_limits(ctx: _Ctx) -> list[CheckResult]:
                 CheckResult(
                     "/dev/shm",
                     "warn",
-                    f"{_gib(total)}",
+                    f"{fmt_bytes(total)}",
                     "docker: --shm-size=2g (data loader workers share memory there)",
                 )
             )
         else:
-            out.append(CheckResult("/dev/shm", "ok", f"{_gib(total)}"))
+            out.append(CheckResult("/dev/shm", "ok", f"{fmt_bytes(total)}"))
     else:
         out.append(CheckResult("/dev/shm", "warn", "missing", "mount a tmpfs at /dev/shm"))
     return out
@@ -727,7 +602,7 @@ def _probe_profile(ctx: _Ctx) -> list[CheckResult]:
     total, avail = _ram()
     out = []
     need = est.cpu_bytes
-    msg = f"needs {_gib(need)} RAM ({est.engine} engine on {est.device}); {_gib(total)} total, {_gib(avail)} available"
+    msg = f"needs {fmt_bytes(need)} RAM ({est.engine} engine on {est.device}); {fmt_bytes(total)} total, {fmt_bytes(avail)} available"
     if need > total:
         out.append(
             CheckResult(
@@ -751,8 +626,8 @@ def _probe_profile(ctx: _Ctx) -> list[CheckResult]:
         gpu = est.gpu
         budget = est.vram_bytes
         what = f"seqs_per_pass {gpu.seqs}" if gpu.engine == "streamed" else f"micro-batch {gpu.seqs}"
-        msg = f"needs {_gib(gpu.need_bytes)} VRAM at {what}" + (
-            f"; budget {_gib(budget)} ({est.vram_source})" if budget else ""
+        msg = f"needs {fmt_bytes(gpu.need_bytes)} VRAM at {what}" + (
+            f"; budget {fmt_bytes(budget)} ({est.vram_source})" if budget else ""
         )
         if est.fits_vram is False:
             remedy = est.advice[0] if est.advice else "use the streamed engine or a smaller model"
@@ -774,6 +649,59 @@ def _probe_profile(ctx: _Ctx) -> list[CheckResult]:
     return out
 
 
+# A run projected to last longer than this is worth a second look before it starts.
+LONG_RUN_DAYS = 30.0
+
+
+def _measured_speed(t: dict[str, Any], pin_bytes: int) -> probe.Speed | None:
+    """The child's matmul and pinned-copy figures as a :class:`ramgpt.probe.Speed`."""
+    mm = t.get("matmul")
+    if not mm:
+        return None
+    matmul = probe.MatmulRate(**{**mm, "shape": tuple(mm["shape"])})
+    pinned = None
+    if t.get("pin_ok"):
+        pinned = probe.PinnedRate(pin_bytes, t.get("pin_s", 0.0), min(pin_bytes, 256 * MiB), t["h2d_gbps"], t["d2h_gbps"])
+    adamw = probe.AdamwRate(**t["adamw"]) if t.get("adamw") else None
+    return probe.Speed(matmul, pinned, adamw)
+
+
+def _probe_time(ctx: _Ctx) -> list[CheckResult]:
+    """The profile's step time and run length, projected from the child's measured matmul rate
+    and pinned link (ramgpt.memory.timing)."""
+    if ctx.profile is None:
+        return []
+    if ctx.estimate is None:
+        raise RuntimeError(ctx.estimate_error or "memory estimate failed")
+    from dataclasses import replace
+
+    from ramgpt.memory import CARDS, Rates, project_time
+
+    est, prof = ctx.estimate, ctx.profile
+    t = ctx.torch_info().get("torch") or {}
+    speed = _measured_speed(t, _pin_size(prof))
+    cards = f"`ramgpt estimate-memory --profile {prof.name} --card NAME` ({', '.join(CARDS)})"
+    if speed is None:
+        why = t.get("matmul_error") or "torch did not run"
+        return [CheckResult("profile time", "warn", f"no matmul rate measured ({why})", f"for a card class: {cards}",
+                            group="profile")]
+    rates = Rates.from_speed(speed, prof.runtime.threads or probe.usable_cores())
+    if rates.device != est.device:
+        return [CheckResult("profile time", "warn",
+                            f"the profile runs on {est.device} but this machine measured {rates.device} only",
+                            f"project for a card class: {cards}", group="profile")]
+    pcie = est.pcie
+    if rates.link_gbps and est.device == "cuda":
+        pcie = replace(pcie, link_gbps=rates.link_gbps, link_source=rates.link_source)
+    proj = project_time(prof, engine=est.engine, device=est.device, pcie=pcie, rates=rates)
+    msg = "; ".join(proj.lines()[:2])
+    if proj.run_days > LONG_RUN_DAYS:
+        return [CheckResult("profile time", "warn", msg,
+                            "lower optim.max_steps, train a smaller model, or plan for a faster card (--card)",
+                            group="profile")]
+    return [CheckResult("profile time", "ok", msg, group="profile")]
+
+
 def _probes() -> list[tuple[str, Callable[[_Ctx], CheckResult | list[CheckResult]]]]:
     """(name, probe) in display order; looked up at call time so tests can swap one."""
     g = globals()
@@ -792,6 +720,7 @@ def _probes() -> list[tuple[str, Callable[[_Ctx], CheckResult | list[CheckResult
         ("tokens", "_probe_tokens"),
         ("Hub reachable", "_probe_hub"),
         ("profile", "_probe_profile"),
+        ("profile time", "_probe_time"),
     ]
     return [(label, g[fn]) for label, fn in names]
 
@@ -800,40 +729,44 @@ _BLOCKING_PROBES = {"python", "torch"}
 
 
 def run_doctor(profile: Profile | None = None) -> list[CheckResult]:
-    """Run every check (with ``profile``: also its RAM/VRAM/disk needs) and return the rows."""
+    """Run every check (with ``profile``: also its RAM/VRAM/disk needs and projected run time)
+    and return the rows."""
+    estimate_ = estimate_error = None
+    matmul = None
+    if profile is not None:
+        try:
+            from ramgpt.memory import estimate, matmul_shape
+
+            free = shutil.disk_usage(_checkpoint_dir(profile)).free
+            estimate_ = estimate(profile, disk_free_bytes=free)
+            matmul = matmul_shape(profile, estimate_.device == "cuda", estimate_.seqs_per_pass or profile.optim.micro_batch_size)
+        except Exception as e:
+            estimate_error = error_line(e)
     child = hub = None
     errors: list[CheckResult] = []
     try:
-        child = _Child(_pin_size(profile))
+        child = _Child(_pin_size(profile), matmul)
     except Exception as e:
         errors.append(
-            CheckResult("torch probe", "fail", f"could not start: {_one_line(e)}", "check the Python environment")
+            CheckResult("torch probe", "fail", f"could not start: {error_line(e)}", "check the Python environment")
         )
-    if not (_env_flag("HF_HUB_OFFLINE") or _env_flag("TRANSFORMERS_OFFLINE")):
+    if not probe.hub_offline():
         try:
-            hub = _HubPing()
+            hub = probe.HubPing(HUB_TIMEOUT_S)
         except Exception:
             hub = None
-    ctx = _Ctx(profile, child, hub)
-    if profile is not None:
-        try:
-            from ramgpt.memory import estimate
-
-            free = shutil.disk_usage(_checkpoint_dir(profile)).free
-            ctx.estimate = estimate(profile, disk_free_bytes=free)
-        except Exception as e:
-            ctx.estimate_error = _one_line(e)
+    ctx = _Ctx(profile, child, hub, estimate_, estimate_error)
     results: list[CheckResult] = list(errors)
-    for label, probe in _probes():
+    for label, check in _probes():
         try:
-            r = probe(ctx)
+            r = check(ctx)
             results.extend(r if isinstance(r, list) else [r])
         except Exception as e:
             results.append(
                 CheckResult(
                     label,
                     "fail",
-                    f"check failed: {_one_line(e)}"[:300],
+                    f"check failed: {error_line(e)}"[:300],
                     "run with RAMGPT_DEBUG=1 and report it",
                     blocking=label in _BLOCKING_PROBES,
                 )

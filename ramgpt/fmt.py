@@ -36,6 +36,14 @@ def first_line(e: object) -> str:
     return type(e).__name__ if isinstance(e, BaseException) else ""
 
 
+def error_line(e: BaseException) -> str:
+    """``"OSError: disk on fire"``: the error's type and the first line of its text (a probe's
+    one-line account of what failed, where the type says as much as the text)."""
+    text = first_line(e)
+    name = type(e).__name__
+    return name if not text or text == name else f"{name}: {text}"
+
+
 def fmt_bytes(b: float | None) -> str:
     """Binary units, as VRAM budgets, nvidia-smi and the memory estimate use them: ``5.10 GiB``."""
     if b is None:
