@@ -355,3 +355,13 @@ def test_advice_names_options_the_named_command_accepts(module: str) -> None:
     clis = _clis()
     problems = [p for text in _strings(path) for p in advice_problems(text, clis)]
     assert problems == []
+
+
+def test_commands_in_the_tokenizer_docs_exist() -> None:
+    """Every ``ramgpt ...`` line of docs/tokenizer.md's code blocks names options its command has."""
+    doc = (REPO / "docs" / "tokenizer.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```sh\n(.*?)```", doc, flags=re.S)
+    lines = [ln.strip() for b in blocks for ln in b.splitlines() if ln.strip().startswith("ramgpt ")]
+    assert len(lines) >= 6
+    clis = _clis()
+    assert [p for ln in lines for p in advice_problems(ln, clis)] == []
