@@ -287,7 +287,7 @@ def check_text_file(path: Path) -> int:
     Raises :class:`DataError` (one line, naming the file) when the file does not look like text: a
     NUL byte or more than 10 % undecodable bytes in its first MiB. Otherwise any undecodable bytes
     are read as U+FFFD and one :class:`UndecodableTextWarning` per file and process says how many.
-    Reads the whole file once (about a second per GB).
+    Reads the whole file once before training (100 MB/s measured on a busy 2-core machine).
     """
     try:
         st = path.stat()

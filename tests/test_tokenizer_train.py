@@ -173,6 +173,18 @@ def test_a_non_empty_out_dir_is_refused_unless_overwrite(trained: Path, tmp_path
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".o.tmp")]  # no leftovers
 
 
+def test_a_data_error_while_reading_is_one_line_and_leaves_nothing(tmp_path: Path) -> None:
+    import shutil
+
+    from ramgpt.errors import DataError
+
+    shutil.copyfile("/bin/ls", tmp_path / "ls.txt")
+    cfg = _profile("data.source=text", f"data.path={tmp_path / 'ls.txt'}").data
+    with pytest.raises(DataError, match="not UTF-8 text"):  # raised inside tokenizers' training loop
+        train_tokenizer(cfg, tmp_path / "out", vocab_size=600, samples=10)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ls.txt"]
+
+
 def test_vocab_larger_than_the_model_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="model.vocab_size"):
         train_tokenizer(_profile().data, tmp_path / "x", vocab_size=5000, samples=20, pad_to=4160)
