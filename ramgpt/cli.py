@@ -350,5 +350,89 @@ def list_profiles() -> None:
         console.print(f"[bold]{name}[/]: {p.description}")
 
 
+# ----------------------------------------------------------------------------------------------
+# tokenizer train / stats
+tokenizer_app = typer.Typer(
+    help="Train a tokenizer on a profile's own data, and compare tokenizers on its held-out documents.",
+    no_args_is_help=True,
+)
+app.add_typer(tokenizer_app, name="tokenizer")
+
+
+@tokenizer_app.command("train")
+@handle_errors
+def tokenizer_train(
+    out: Annotated[Path, typer.Option("--out", help="Directory to write (loads with data.tokenizer and AutoTokenizer).")],
+    profile: ProfileOpt = "micro-test",
+    set_: SetOpt = None,
+    vocab_size: Annotated[
+        int | None, typer.Option("--vocab-size", min=258, help="Tokens to learn (default: the profile's model.vocab_size).")
+    ] = None,
+    samples: Annotated[
+        int | None,
+        typer.Option("--samples", min=1, help="Train on the first N training documents of the profile's data [default: 50000]."),
+    ] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Order of the documents (default: data.seed).")] = None,
+    pad: Annotated[
+        bool, typer.Option("--pad/--no-pad", help="Pad the vocabulary to model.vocab_size with never-produced tokens.")
+    ] = True,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out directory.")] = False,
+) -> None:
+    """Train a byte-level BPE tokenizer on the first documents of a profile's data stream."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from ramgpt.tokenizer_train import train_profile_tokenizer
+
+    prof = _load(profile, set_)
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err_console, transient=True) as bar:
+        task = bar.add_task("reading documents", total=None)
+
+        def on_progress(phase: str, done: int, total: int | None) -> None:
+            if phase == "reading":
+                bar.update(task, completed=done, total=total)
+            else:  # learning merges / saving: no count to show, the spinner runs on
+                bar.update(task, description=f"{phase} ({done:,} documents)", total=None)
+
+        result = train_profile_tokenizer(
+            prof, out, vocab_size=vocab_size, samples=samples, seed=seed, pad=pad, overwrite=overwrite,
+            on_progress=on_progress,
+        )  # fmt: skip
+    Console().print(result.summary(), highlight=False)
+
+
+@tokenizer_app.command("stats")
+@handle_errors
+def tokenizer_stats(
+    profile: ProfileOpt = "micro-test",
+    set_: SetOpt = None,
+    tokenizer: Annotated[
+        list[str] | None,
+        typer.Option("--tokenizer", help="Tokenizer to measure (repeatable; default: the profile's data.tokenizer)."),
+    ] = None,
+    docs: Annotated[int | None, typer.Option("--docs", min=1, help="Measure on at most N held-out documents.")] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Characters per token, tokens per document and fallback rates on the profile's held-out documents."""
+    from rich.table import Table
+
+    from ramgpt.fmt import fmt_pct
+    from ramgpt.tokenizer_stats import profile_stats
+
+    rows = profile_stats(_load(profile, set_), tokenizer, docs)
+    if json_:
+        typer.echo(json.dumps([r.to_dict() for r in rows], indent=2, ensure_ascii=False))
+        return
+    table = Table(title=f"{rows[0].documents:,} held-out documents, {rows[0].characters:,} characters")
+    for col in ("tokenizer", "vocab", "chars/token", "tokens/doc", "byte-fallback", "unknown"):
+        table.add_column(col, justify="left" if col == "tokenizer" else "right")
+    for r in rows:
+        table.add_row(
+            r.tokenizer, f"{r.vocab_size:,}", f"{r.chars_per_token:.3f}", f"{r.tokens_per_document:,.1f}",
+            fmt_pct(100 * r.byte_fallback_rate), fmt_pct(100 * r.unknown_rate),
+        )  # fmt: skip
+    Console().print(table)
+
+
 def main() -> None:  # pragma: no cover
     app()

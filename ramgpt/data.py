@@ -31,11 +31,13 @@ the source from the start without tokenizing, which costs one read of the docume
 
 from __future__ import annotations
 
+import codecs
 import functools
 import itertools
 import json
 import os
 import random
+import warnings
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -47,6 +49,7 @@ import torch
 
 from ramgpt.config import DataConfig
 from ramgpt.errors import DataError
+from ramgpt.fmt import first_line
 from ramgpt.tokenizer import TextTokenizer, hub_reachable
 
 EMBEDDED_CORPUS_DIR = Path(__file__).resolve().parent / "assets" / "corpus"
@@ -55,8 +58,19 @@ _ENCODE_CHUNK = 32  # documents tokenized per encode_batch call
 _JSON_SUFFIXES = (".json", ".jsonl", ".ndjson")
 _COMPRESSION_SUFFIXES = ("", ".gz", ".bz2", ".xz", ".zst")
 _TRUE = {"1", "on", "yes", "true"}
+# A text file is refused when its first _SNIFF_BYTES hold a NUL byte or more than
+# _MAX_UNDECODABLE of them are not UTF-8: /bin/ls has NULs in its first bytes, UTF-16 text has a NUL
+# in every other byte, while a UTF-8 file with a few stray Latin-1 bytes stays far below 10 % and is
+# read (those bytes become U+FFFD) with one warning that counts them.
+_SNIFF_BYTES = 1 << 20
+_MAX_UNDECODABLE = 0.10
+_SCAN_CHUNK = 1 << 20
 
 Split = Literal["train", "eval"]
+
+
+class UndecodableTextWarning(UserWarning):
+    """A text data file holds bytes that are not UTF-8; they are read as U+FFFD (warned once per file)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,7 +169,7 @@ class _DatasetReader:
             except DataError:
                 raise
             except Exception as e:  # network, parse and schema errors surface here when streaming
-                raise DataError(f"reading {self._what} failed: {_first_line(e)}") from e
+                raise DataError(f"reading {self._what} failed: {first_line(e)}") from e
             if col not in example:
                 raise _missing_column(self._cfg, self._what, list(example))
             text = example[col]
@@ -174,15 +188,12 @@ def _missing_column(cfg: DataConfig, what: str, names: list[str]) -> DataError:
     return DataError(f"column {cfg.text_column!r} not found in {what} (columns: {have}); set data.text_column")
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0]
-
-
 def _describe(cfg: DataConfig, split: str) -> str:
     if cfg.source == "hub":
         conf = f", config {cfg.dataset_config!r}" if cfg.dataset_config else ""
-        return f"hub dataset {cfg.dataset_name!r}{conf}, split {split!r}"
+        local = Path(cfg.dataset_name or "").expanduser()
+        kind = "local copy of a hub dataset" if cfg.dataset_name and local.is_dir() else "hub dataset"
+        return f"{kind} {cfg.dataset_name!r}{conf}, split {split!r}"
     if cfg.source == "embedded":
         return "the embedded corpus"
     return f"{cfg.source} data at {cfg.path}"
@@ -250,6 +261,70 @@ def _local_files(cfg: DataConfig) -> list[Path]:
     return files
 
 
+def _count_undecodable(buf: bytes, *, final: bool) -> tuple[int, int]:
+    """``(bytes of buf that are not UTF-8, bytes consumed)``. Without ``final`` an incomplete character
+    at the end is not counted and not consumed (it belongs to the next chunk)."""
+    view = memoryview(buf)
+    bad = pos = 0
+    while pos < len(buf):
+        try:
+            _, used = codecs.utf_8_decode(view[pos:], "strict", final)
+            return bad, pos + used
+        except UnicodeDecodeError as e:  # e.start/e.end are relative to view[pos:]
+            bad += e.end - e.start
+            pos += e.end
+    return bad, pos
+
+
+# Undecodable byte counts of text files already checked in this process, by (path, size, mtime), so
+# a file is read for the check and warned about once, not once per stream (train, eval) or epoch.
+_TEXT_CHECKS: dict[tuple[str, int, int], int] = {}
+
+
+def check_text_file(path: Path) -> int:
+    """Check a ``text`` data file before training reads it; returns its count of non-UTF-8 bytes.
+
+    Raises :class:`DataError` (one line, naming the file) when the file does not look like text: a
+    NUL byte or more than 10 % undecodable bytes in its first MiB. Otherwise any undecodable bytes
+    are read as U+FFFD and one :class:`UndecodableTextWarning` per file and process says how many.
+    Reads the whole file once before training (100 MB/s measured on a busy 2-core machine).
+    """
+    try:
+        st = path.stat()
+        key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+        if key in _TEXT_CHECKS:
+            return _TEXT_CHECKS[key]
+        with open(path, "rb") as fh:
+            head = fh.read(_SNIFF_BYTES)
+            if b"\x00" in head:
+                raise DataError(
+                    f"data file {path} is not UTF-8 text (it holds NUL bytes: a binary or UTF-16 file); "
+                    "convert it to UTF-8 or remove it from data.path"
+                )
+            more = fh.read(_SCAN_CHUNK)
+            bad, used = _count_undecodable(head, final=not more)
+            if bad > _MAX_UNDECODABLE * len(head):
+                raise DataError(
+                    f"data file {path} is not UTF-8 text ({bad:,} of its first {len(head):,} bytes cannot be "
+                    "decoded); convert it to UTF-8 or remove it from data.path"
+                )
+            carry = head[used:]
+            while more:
+                chunk, more = carry + more, fh.read(_SCAN_CHUNK)
+                n, used = _count_undecodable(chunk, final=not more)
+                bad, carry = bad + n, chunk[used:]
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror or e}") from e
+    if bad:
+        warnings.warn(
+            f"{path}: {bad:,} bytes are not UTF-8; they are read as U+FFFD replacement characters",
+            UndecodableTextWarning,
+            stacklevel=2,
+        )
+    _TEXT_CHECKS[key] = bad
+    return bad
+
+
 def _env_true(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in _TRUE
 
@@ -258,18 +333,27 @@ def load_streaming_dataset(cfg: DataConfig, split: str) -> Any:
     """The one ``datasets.load_dataset(..., streaming=True)`` call behind json, parquet and hub.
 
     Local files become ``data_files={split: files}`` of the packaged json/parquet builders; a Hub
-    dataset is ``(dataset_name, dataset_config)``. Failures become one-line :class:`DataError`\\ s; an
+    dataset is ``(dataset_name, dataset_config)``, where ``dataset_name`` may also be a local copy of
+    the Hub repository (:func:`local_hub_dataset`; no network needed). Failures become one-line :class:`DataError`\\ s; an
     unreachable Hub is detected with a quick probe instead of the hub client's long retries.
     """
-    if cfg.source == "hub":
+    local_hub = local_hub_dataset(cfg) if cfg.source == "hub" else None
+    kwargs: dict[str, Any] = {}
+    if local_hub is not None:
+        # A local copy of the Hub repository: datasets reads its README's `configs:` itself.
         what = _describe(cfg, split)
-        hint = "use data.source: text (a .txt file or directory) or json/parquet with a local data.path"
+        args: tuple[Any, ...] = (str(local_hub), cfg.dataset_config)
+    elif cfg.source == "hub":
+        what = _describe(cfg, split)
+        hint = (
+            "download it once (hf download REPO --repo-type dataset --local-dir DIR) and set data.dataset_name "
+            "to DIR, or use data.source: text (a .txt file or directory) or json/parquet with a local data.path"
+        )
         if _env_true("HF_HUB_OFFLINE") or _env_true("HF_DATASETS_OFFLINE"):
             raise DataError(f"cannot stream {what}: offline mode is set (HF_HUB_OFFLINE); {hint}")
         if not hub_reachable():
             raise DataError(f"cannot stream {what}: the Hugging Face Hub cannot be reached; {hint}")
-        args: tuple[Any, ...] = (cfg.dataset_name, cfg.dataset_config)
-        kwargs: dict[str, Any] = {}
+        args = (cfg.dataset_name, cfg.dataset_config)
     elif cfg.source in ("json", "parquet"):
         if split != cfg.train_split:
             raise DataError(
@@ -278,7 +362,7 @@ def load_streaming_dataset(cfg: DataConfig, split: str) -> Any:
             )
         files = _local_files(cfg)
         args = (cfg.source,)
-        kwargs = {"data_files": {split: [str(f) for f in files]}}
+        kwargs["data_files"] = {split: [str(f) for f in files]}
         what = _describe(cfg, split)
     else:
         raise DataError(f"source {cfg.source!r} is not read through datasets")
@@ -289,16 +373,44 @@ def load_streaming_dataset(cfg: DataConfig, split: str) -> Any:
     # For local files, datasets still sends a download-count request for the packaged builder
     # ("json"/"parquet"); offline that request waits on DNS for seconds on every load. It counts
     # nothing of the user's, so it is switched off for the duration of a local load.
+    remote = cfg.source == "hub" and local_hub is None
     counts = getattr(datasets.config, "HF_UPDATE_DOWNLOAD_COUNTS", None)
-    if cfg.source != "hub" and counts is not None:
+    if not remote and counts is not None:
         datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False
     try:
         return datasets.load_dataset(*args, split=split, streaming=True, **kwargs)
     except Exception as e:
-        raise DataError(f"cannot load {what}: {_first_line(e)}") from e
+        raise DataError(f"cannot load {what}: {first_line(e)}") from e
     finally:
-        if cfg.source != "hub" and counts is not None:
+        if not remote and counts is not None:
             datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = counts
+
+
+def local_hub_dataset(cfg: DataConfig) -> Path | None:
+    """The local directory ``data.dataset_name`` names for ``source: hub``, or None for a Hub id.
+
+    A directory laid out like the Hub repository (what ``hf download REPO --repo-type dataset
+    --local-dir DIR`` writes: data files plus a README whose ``configs:`` name each configuration
+    and its ``data_files``) is read by ``datasets`` without a network, so it needs no Hub probe.
+    A name that is clearly a path (absolute, ``./``, ``~``, or more than one ``/``) but is not a
+    directory is an error here rather than a failed Hub lookup.
+    """
+    name = (cfg.dataset_name or "").strip()
+    if not name:
+        return None
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise DataError(
+            f"data.dataset_name {name} is a file; use data.source: parquet or json with data.path for local files"
+        )
+    if name.startswith(("/", ".", "~")) or "\\" in name or name.count("/") > 1:
+        raise DataError(
+            f"data.dataset_name {name} is not an existing directory (a local copy of a Hub dataset) "
+            "nor a Hub id such as owner/name"
+        )
+    return None
 
 
 class _Source:
@@ -317,10 +429,14 @@ class _Source:
                     "to hold out the first max_eval_samples documents"
                 )
             self._files = _local_files(cfg)
+            for f in self._files:
+                check_text_file(f)
         elif cfg.source in ("json", "parquet"):
             _local_files(cfg)  # fail early, naming the path, before datasets is imported
-        elif cfg.source == "hub" and not cfg.dataset_name:
-            raise DataError("data.dataset_name is required when data.source is 'hub'")
+        elif cfg.source == "hub":
+            if not cfg.dataset_name:
+                raise DataError("data.dataset_name is required when data.source is 'hub'")
+            local_hub_dataset(cfg)  # a mistyped local path fails here, naming it
 
     def open(self, position: Any = None) -> _ListReader | _TextReader | _DatasetReader:
         if self.cfg.source == "embedded":
@@ -328,6 +444,84 @@ class _Source:
         if self.cfg.source == "text":
             return _TextReader(self._files, position)
         return _DatasetReader(self.cfg, self.split, position)
+
+
+# ---------------------------------------------------------------------------------------------
+# Document order: which documents a split holds and in what order each epoch reads them
+
+
+class _DocumentOrder:
+    """The documents of one split in epoch order: held-out eval documents skipped (train), at most
+    ``limit`` per epoch, read in blocks of ``block_size`` that are shuffled with a seed derived from
+    ``(seed, epoch, block)``."""
+
+    def __init__(self, cfg: DataConfig, split: Split, seed: int) -> None:
+        held_out_of_train = cfg.eval_split is None
+        self.seed = seed
+        if split == "train":
+            self.source = _Source(cfg, cfg.train_split)
+            self.skip = cfg.max_eval_samples if held_out_of_train else 0
+            self.limit = cfg.max_train_samples
+            self.block_size = cfg.shuffle_buffer
+        else:
+            self.source = _Source(cfg, cfg.train_split if held_out_of_train else cfg.eval_split)
+            self.skip = 0
+            self.limit = cfg.max_eval_samples
+            self.block_size = 1  # eval keeps source order
+
+    def blocks(self, epoch: int, first_block: int = 0, block_position: Any = None) -> Iterator[tuple[int, Any, list[str]]]:
+        """``(block index, where the block starts in the source, its shuffled documents)`` of one
+        epoch, starting at ``first_block``."""
+        size, limit = self.block_size, self.limit
+        reader = None
+        if first_block > 0 and block_position is not None:
+            try:
+                reader = self.source.open(block_position)
+            except DataError:
+                raise
+            except Exception:
+                reader = None  # cannot seek: replay below
+        if reader is None:
+            reader = self.source.open(None)
+            skip = self.skip + first_block * size
+            if skip:
+                skipped = sum(1 for _ in itertools.islice(reader, skip))
+                if skipped < self.skip:
+                    raise self.held_out_error(skipped)
+        done, block = first_block * size, first_block
+        while limit is None or done < limit:
+            position = reader.position()
+            want = size if limit is None else min(size, limit - done)
+            docs = list(itertools.islice(reader, want))
+            if not docs:
+                return
+            if size > 1:
+                random.Random(f"ramgpt-data:{self.seed}:{epoch}:{block}").shuffle(docs)
+            yield block, position, docs
+            done += len(docs)
+            block += 1
+            if len(docs) < want:
+                return
+
+    def held_out_error(self, found: int) -> DataError:
+        return DataError(
+            f"{self.source.what} has only {found} documents, all held out for evaluation "
+            f"(data.max_eval_samples={self.skip}); lower max_eval_samples or set data.eval_split"
+        )
+
+
+def documents(data_cfg: DataConfig, split: Split = "train", *, seed: int | None = None) -> Iterator[str]:
+    """The documents of ``split`` in the order :class:`TokenBatches` reads them in its first epoch.
+
+    ``train`` leaves out the held-out eval documents and is block-shuffled with ``seed`` (default
+    ``data.seed``); ``eval`` is the eval documents in source order. Reads lazily: take what you need
+    with ``itertools.islice`` (what ``ramgpt tokenizer train`` and ``tokenizer stats`` do).
+    """
+    if split not in ("train", "eval"):
+        raise ValueError(f"split must be 'train' or 'eval', not {split!r}")
+    order = _DocumentOrder(data_cfg, split, data_cfg.seed if seed is None else int(seed))
+    for _, _, docs in order.blocks(0):
+        yield from docs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,17 +565,7 @@ class TokenBatches:
         self.micro_batch_size = micro_batch_size
         self.seed = data_cfg.seed if seed is None else int(seed)
         self.seq_len = data_cfg.seq_len
-        held_out_of_train = data_cfg.eval_split is None
-        if split == "train":
-            self._source = _Source(data_cfg, data_cfg.train_split)
-            self._skip = data_cfg.max_eval_samples if held_out_of_train else 0
-            self._limit = data_cfg.max_train_samples
-            self._block_size = data_cfg.shuffle_buffer
-        else:
-            self._source = _Source(data_cfg, data_cfg.train_split if held_out_of_train else data_cfg.eval_split)
-            self._skip = 0
-            self._limit = data_cfg.max_eval_samples
-            self._block_size = 1  # eval keeps source order
+        self._order = _DocumentOrder(data_cfg, split, self.seed)
         self._token_table = _embedded_token_table(tokenizer) if data_cfg.source == "embedded" else None
         self._events: list[str] = []
         self._reset(_Where(0, 0, None, 0), 0, epochs_finished=0)
@@ -465,7 +649,7 @@ class TokenBatches:
             "splits": [c.train_split, c.eval_split],
             "text_column": c.text_column,
             "seed": self.seed,
-            "shuffle_buffer": self._block_size,
+            "shuffle_buffer": self._order.block_size,
             "max_train_samples": c.max_train_samples,
             "max_eval_samples": c.max_eval_samples,
             "tokenizer": self.tokenizer.fingerprint,
@@ -517,39 +701,6 @@ class TokenBatches:
                 return out  # type: ignore[return-value]
         return [np.asarray([*ids, eos], dtype=np.int64) for ids in self.tokenizer.encode_batch(texts)]
 
-    def _blocks(self, epoch: int, first_block: int, block_position: Any) -> Iterator[tuple[int, Any, list[str]]]:
-        """Shuffled blocks of one epoch's documents, starting at ``first_block``."""
-        size, limit = self._block_size, self._limit
-        reader = None
-        if first_block > 0 and block_position is not None:
-            try:
-                reader = self._source.open(block_position)
-            except DataError:
-                raise
-            except Exception:
-                reader = None  # cannot seek: replay below
-        if reader is None:
-            reader = self._source.open(None)
-            skip = self._skip + first_block * size
-            if skip:
-                skipped = sum(1 for _ in itertools.islice(reader, skip))
-                if skipped < self._skip:
-                    raise self._held_out_error(skipped)
-        done, block = first_block * size, first_block
-        while limit is None or done < limit:
-            position = reader.position()
-            want = size if limit is None else min(size, limit - done)
-            docs = list(itertools.islice(reader, want))
-            if not docs:
-                return
-            if size > 1:
-                random.Random(f"ramgpt-data:{self.seed}:{epoch}:{block}").shuffle(docs)
-            yield block, position, docs
-            done += len(docs)
-            block += 1
-            if len(docs) < want:
-                return
-
     def _stream(self, start: _Where, start_offset: int) -> Iterator[tuple[_Where, np.ndarray, int]]:
         """Tokenized documents from ``start`` on, across epochs, forever, as (where, tokens, first
         unread token). Only the resumed document starts past token 0, so offsets stay relative to
@@ -560,10 +711,10 @@ class TokenBatches:
         partial_epoch = (start.block, start.doc, start_offset) != (0, 0, 0)
         while True:
             n_docs = n_tokens = 0
-            for block, position, docs in self._blocks(epoch, first_block, first_position):
+            for block, position, docs in self._order.blocks(epoch, first_block, first_position):
                 first_doc, first_offset = resume or (0, 0)
                 resume = None
-                n_docs = block * self._block_size + len(docs)
+                n_docs = block * self._order.block_size + len(docs)
                 for c in range(first_doc, len(docs), _ENCODE_CHUNK):
                     for j, toks in enumerate(self._encode(docs[c : c + _ENCODE_CHUNK]), start=c):
                         off = first_offset if j == first_doc else 0
@@ -573,7 +724,7 @@ class TokenBatches:
                 raise self._empty_error()
             if not partial_epoch and n_tokens < self.seq_len + 1:
                 raise DataError(
-                    f"{self._source.what} yields only {n_tokens} tokens from {n_docs} documents, fewer than one "
+                    f"{self._order.source.what} yields only {n_tokens} tokens from {n_docs} documents, fewer than one "
                     f"sequence of data.seq_len + 1 = {self.seq_len + 1}; add text or lower data.seq_len"
                 )
             if epoch + 1 > self._epochs_finished:
@@ -584,19 +735,14 @@ class TokenBatches:
                 )
             epoch, first_block, first_position, partial_epoch = epoch + 1, 0, None, False
 
-    def _held_out_error(self, found: int) -> DataError:
-        return DataError(
-            f"{self._source.what} has only {found} documents, all held out for evaluation "
-            f"(data.max_eval_samples={self.cfg.max_eval_samples}); lower max_eval_samples or set data.eval_split"
-        )
-
     def _empty_error(self) -> DataError:
-        if self.split == "train" and self._skip:
+        what = self._order.source.what
+        if self.split == "train" and self._order.skip:
             return DataError(
-                f"{self._source.what} has no training documents left after holding out the first "
-                f"{self._skip} for evaluation; lower data.max_eval_samples or set data.eval_split"
+                f"{what} has no training documents left after holding out the first "
+                f"{self._order.skip} for evaluation; lower data.max_eval_samples or set data.eval_split"
             )
-        return DataError(f"{self._source.what} holds no non-empty documents")
+        return DataError(f"{what} holds no non-empty documents")
 
 
 def eval_batches(

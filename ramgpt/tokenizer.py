@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ramgpt.errors import TokenizerError
+from ramgpt.fmt import first_line
 
 EMBEDDED_TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "tokenizer"
 EOS_TOKEN = "<|endoftext|>"
@@ -124,6 +125,20 @@ class TextTokenizer:
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """``encode`` for many texts at once (the Rust side may use several threads)."""
         return [e.ids for e in self._backend.encode_batch(list(texts), add_special_tokens=False)]
+
+    @property
+    def unk_id(self) -> int | None:
+        """The unknown token's id, or None when the model has none (byte-level BPEs never need one)."""
+        unk = json.loads(self._json).get("model", {}).get("unk_token")
+        return None if unk is None else self._backend.token_to_id(unk)
+
+    def id_to_token(self, i: int) -> str | None:
+        """The vocabulary entry of id ``i`` (GPT-2's byte alphabet for byte-level tokenizers)."""
+        return self._backend.id_to_token(int(i))
+
+    def to_json(self) -> str:
+        """The ``tokenizer.json`` text this tokenizer was built from."""
+        return self._json
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of ``ids``; special tokens are kept as their text."""
@@ -273,7 +288,7 @@ def _load_local(path: Path, *, name: str) -> TextTokenizer:
         text = file.read_text(encoding="utf-8")
         backend = Tokenizer.from_str(text)
     except Exception as e:  # tokenizers raises plain Exception subclasses on bad JSON
-        raise TokenizerError(f"cannot read tokenizer {file}: {_first_line(e)}") from e
+        raise TokenizerError(f"cannot read tokenizer {file}: {first_line(e)}") from e
     eos_id = _find_eos_id(backend, file.parent)
     if eos_id is None:
         raise TokenizerError(
@@ -291,7 +306,7 @@ def _load_local_transformers(path: Path, *, name: str) -> TextTokenizer:
         hf = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception as e:
         raise TokenizerError(
-            f"tokenizer directory {path} holds no tokenizer.json and transformers cannot load it: {_first_line(e)}"
+            f"tokenizer directory {path} holds no tokenizer.json and transformers cannot load it: {first_line(e)}"
         ) from e
     return _wrap_transformers(hf, name)
 
@@ -349,15 +364,14 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     return bool(result and result[0])
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0]
-
-
 def _offline_message(spec: str, reason: str) -> str:
+    # Command-neutral: this is raised for train (profile field) and generate (option) alike, so it
+    # names the profile field and the exact spelling for each command (tests/test_tokenizer.py checks
+    # every option named here against the CLI).
     return (
-        f"tokenizer {spec!r} is not in the local Hugging Face cache and {reason}; use --tokenizer embedded "
-        "(shipped, no download; in a profile: data.tokenizer=embedded) or a local path"
+        f"tokenizer {spec!r} is not in the local Hugging Face cache and {reason}; use the shipped tokenizer "
+        "(no download) or a local tokenizer directory: data.tokenizer=embedded in the profile "
+        "(ramgpt train --set data.tokenizer=embedded; ramgpt generate --tokenizer embedded)"
     )
 
 
@@ -378,12 +392,12 @@ def _load_from_hub(spec: str) -> TextTokenizer:
         try:
             hf = AutoTokenizer.from_pretrained(spec)
         except Exception as e:
-            raise TokenizerError(f"cannot load tokenizer {spec!r} from the Hugging Face Hub: {_first_line(e)}") from e
+            raise TokenizerError(f"cannot load tokenizer {spec!r} from the Hugging Face Hub: {first_line(e)}") from e
     return _wrap_transformers(hf, spec)
 
 
 # ---------------------------------------------------------------------------------------------
-# Training (tools/build_tokenizer.py builds the embedded one with this)
+# Training (ramgpt.tokenizer_train builds the embedded tokenizer and the user's own with this)
 
 
 def train_byte_level_bpe(
@@ -392,11 +406,14 @@ def train_byte_level_bpe(
     vocab_size: int = EMBEDDED_VOCAB_SIZE,
     min_frequency: int = 2,
     name: str = "custom",
+    split_pattern: str = SPLIT_PATTERN,
 ) -> TextTokenizer:
     """Train a byte-level BPE with ``<|endoftext|>`` (id 0) as EOS.
 
     All 256 bytes are in the initial alphabet, so any text encodes without unknown tokens even if the
-    training texts never contained a character. Training is deterministic for the same texts.
+    training texts never contained a character. ``split_pattern`` cuts text into the pieces merges
+    stay inside (default: the embedded tokenizer's; ``ramgpt.tokenizer_train`` has the one for
+    Japanese data). Training is deterministic for the same texts in the same order.
     """
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -405,7 +422,7 @@ def train_byte_level_bpe(
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
+            pre_tokenizers.Split(Regex(split_pattern), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from collections import Counter
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from ramgpt.config import DataConfig
-from ramgpt.data import TokenBatches, embedded_documents, eval_batches
+from ramgpt.data import TokenBatches, documents, embedded_documents, eval_batches
 from ramgpt.errors import DataError
 from ramgpt.tokenizer import TextTokenizer, load_tokenizer
 
@@ -453,3 +454,77 @@ def test_embedded_corpus_is_tokenized_once_per_process(tok: TextTokenizer) -> No
     assert time.monotonic() - t0 < 1.0
     assert n > 10
     assert Counter(len(d) > 0 for d in embedded_documents())[True] > 300
+
+
+# --- text files that are not text (#10.7) ----------------------------------------------------------
+
+
+def _text_cfg(path: Path) -> DataConfig:
+    return cfg(source="text", path=str(path), shuffle_buffer=1, max_eval_samples=1, seq_len=8)
+
+
+def test_a_binary_file_given_as_text_is_refused_in_one_line(tok: TextTokenizer, tmp_path: Path) -> None:
+    import shutil
+
+    ls = tmp_path / "ls.txt"
+    shutil.copyfile("/bin/ls", ls)
+    utf16 = tmp_path / "utf16.txt"
+    utf16.write_bytes("\n".join(DOCS).encode("utf-16"))
+    noise = tmp_path / "noise.txt"  # no NUL byte, but a fifth of the bytes are not UTF-8
+    noise.write_bytes(("".join(DOCS) + "\n").encode() + bytes(range(0x80, 0x100)) * 20)
+    for path, why in ((ls, "NUL"), (utf16, "NUL"), (noise, "cannot be decoded")):
+        with pytest.raises(DataError) as e:
+            TokenBatches(_text_cfg(path), tok)
+        msg = str(e.value)
+        assert "\n" not in msg and str(path) in msg and "not UTF-8 text" in msg and why in msg, msg
+
+
+def test_a_few_undecodable_bytes_warn_once_with_their_count(tok: TextTokenizer, tmp_path: Path) -> None:
+    from ramgpt.data import UndecodableTextWarning
+
+    path = tmp_path / "latin1.txt"
+    lines = [d.encode() for d in DOCS]
+    lines[3] = "café crème".encode("latin-1")  # 2 bytes that are not UTF-8
+    lines[5] += b"\xff"  # 1 more
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.warns(UndecodableTextWarning) as caught:
+        train = TokenBatches(_text_cfg(path), tok)
+        evals = TokenBatches(_text_cfg(path), tok, "eval")
+        for _ in range(40):  # past several epochs of both streams: still one warning
+            train.next_batch(2)
+            evals.next_batch(2)
+    ours = [w for w in caught if issubclass(w.category, UndecodableTextWarning)]
+    assert len(ours) == 1
+    assert str(path) in str(ours[0].message) and " 3 bytes are not UTF-8" in str(ours[0].message)
+    docs = list(itertools.islice(documents(_text_cfg(path)), 5))
+    assert "caf\ufffd cr\ufffdme" in docs  # read, with replacement characters
+
+
+def test_characters_across_the_check_chunks_are_not_counted(tok: TextTokenizer, tmp_path: Path) -> None:
+    """3-byte characters over 2.5 MiB: the 1 MiB chunk edges cut characters, which must not count."""
+    import warnings
+
+    from ramgpt.data import UndecodableTextWarning, check_text_file
+
+    path = tmp_path / "big.txt"
+    path.write_text(("あいうえお" * 100 + "\n") * 1800, encoding="utf-8")
+    assert path.stat().st_size > 2.5 * 2**20
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UndecodableTextWarning)
+        assert check_text_file(path) == 0
+    tail = tmp_path / "tail.txt"
+    tail.write_bytes(path.read_bytes() + b"\xe3\x81")  # a character cut off at the very end
+    with pytest.warns(UndecodableTextWarning, match=" 2 bytes are not UTF-8"):
+        assert check_text_file(tail) == 2
+
+
+# --- documents() ----------------------------------------------------------------------------------
+
+
+def test_documents_are_the_streams_first_epoch_order(tok: TextTokenizer, tmp_path: Path) -> None:
+    c = cfg(source="text", path=str(write_text(tmp_path / "d.txt", DOCS)), shuffle_buffer=10, max_eval_samples=3)
+    train_docs = list(documents(c))
+    assert sorted(int(d.split("番")[0].removeprefix("文書")) for d in train_docs) == list(range(3, 30))
+    assert [int(d.split("番")[0].removeprefix("文書")) for d in train_docs] == _doc_ids(TokenBatches(c, tok), 27)
+    assert list(documents(c, "eval")) == DOCS[:3]
+    assert list(documents(c, seed=c.seed + 1)) != train_docs

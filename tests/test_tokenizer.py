@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import random
+import re
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -165,7 +168,9 @@ def test_hub_name_offline_env_fails_fast(monkeypatch: pytest.MonkeyPatch) -> Non
     msg = str(e.value)
     assert "\n" not in msg
     assert "'ramgpt-test/not-a-cached-tokenizer' is not in the local Hugging Face cache" in msg
-    assert "--tokenizer embedded" in msg
+    # Each command's own spelling (#10.6): train has no --tokenizer option, generate has one.
+    assert "ramgpt train --set data.tokenizer=embedded" in msg
+    assert "ramgpt generate --tokenizer embedded" in msg
 
 
 def test_hub_name_without_network_fails_fast(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -251,3 +256,112 @@ def test_build_script_reproduces_the_shipped_files() -> None:
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "match a rebuild" in proc.stdout
+
+
+# --- advice names only options that exist (#10.6) ----------------------------------------------------
+
+# Library modules whose messages (and docstrings) give advice about data and tokenizers.
+ADVICE_MODULES = ("data", "tokenizer", "tokenizer_train", "tokenizer_stats")
+_PROGRAM = re.compile(r"(?<![\w/.-])(ramgpt|hf)((?:\s+[a-z][a-z0-9-]*)*)")
+_OPTION = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
+_SET_FIELD = re.compile(r"--set\s+([a-z_]+)\.([a-z_]+)=")
+_SEGMENT_END = re.compile(r"[;()]|\n\s*\n|(?<![\w/.-])(?:ramgpt|hf)\s")
+
+
+def _strings(path: Path) -> list[str]:
+    """Every string literal of a module; an f-string's placeholders become ``{}``."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            out.append(node.value)
+        elif isinstance(node, ast.JoinedStr):
+            out.append("".join(v.value if isinstance(v, ast.Constant) else "{}" for v in node.values))
+    return out
+
+
+def _clis() -> dict[str, Any]:
+    import typer.main
+    from huggingface_hub.cli.hf import app as hf_app
+
+    from ramgpt.cli import app
+
+    # huggingface_hub's `hf` app is a click group already; ramgpt's is a Typer app
+    hf = hf_app if _is_group(hf_app) else typer.main.get_command(hf_app)
+    return {"ramgpt": typer.main.get_command(app), "hf": hf}
+
+
+def _is_group(cmd: Any) -> bool:
+    # duck-typed: Typer ships its own copy of click, whose classes are not click's
+    return callable(getattr(cmd, "get_command", None))
+
+
+def _resolve(root: Any, words: list[str]) -> tuple[Any, str]:
+    cmd, path = root, [root.name or ""]
+    for w in words:
+        if not _is_group(cmd):
+            break
+        sub = cmd.get_command(cmd.context_class(cmd), w)
+        if sub is None:
+            break
+        if callable(getattr(sub, "materialize", None)):
+            sub = sub.materialize()  # the hf CLI loads its commands lazily
+        cmd, path = sub, [*path, w]
+    return cmd, " ".join(path)
+
+
+def advice_problems(text: str, clis: dict[str, Any]) -> list[str]:
+    """What is wrong with the options a piece of advice names: an option outside ``ramgpt CMD ...``
+    or ``hf CMD ...``, an option that command lacks, a ``--set`` of a field profiles lack."""
+    from ramgpt.config import Profile
+
+    problems, covered = [], set()
+    for m in _PROGRAM.finditer(text):
+        cmd, name = _resolve(clis[m.group(1)], m.group(2).split())
+        end = _SEGMENT_END.search(text, m.end())
+        segment_end = end.start() if end else len(text)
+        if _is_group(cmd) and _OPTION.search(text, m.end(), segment_end):
+            problems.append(f"{name!r} is not a command: {text!r}")
+            continue
+        opts = {o for p in getattr(cmd, "params", []) for o in (*p.opts, *p.secondary_opts)} | {"--help"}
+        for o in _OPTION.finditer(text, m.end(), segment_end):
+            covered.add(o.start())
+            if o.group() not in opts:
+                problems.append(f"{name} has no {o.group()}: {text!r}")
+        for f in _SET_FIELD.finditer(text, m.end(), segment_end):
+            section = Profile.model_fields.get(f.group(1))
+            fields = getattr(section.annotation, "model_fields", {}) if section else {}
+            if f.group(2) not in fields:
+                problems.append(f"no profile field {f.group(1)}.{f.group(2)}: {text!r}")
+    problems += [f"{o.group()} without the command that takes it: {text!r}" for o in _OPTION.finditer(text) if o.start() not in covered]
+    return problems
+
+
+def test_the_advice_checker_catches_what_10_6_found() -> None:
+    clis = _clis()
+    assert advice_problems("use ramgpt train --set data.tokenizer=embedded; ramgpt generate --tokenizer x", clis) == []
+    assert advice_problems("hf download REPO --repo-type dataset --local-dir DIR", clis) == []
+    assert advice_problems("use ramgpt tokenizer stats --tokenizer a", clis) == []
+    # the message #10.6 reported: an option with no command, then that option attributed to train
+    assert advice_problems("use --tokenizer embedded (shipped)", clis)
+    assert advice_problems("use ramgpt train --tokenizer embedded", clis)
+    assert advice_problems("ramgpt train --set data.tokeniser=embedded", clis)
+
+
+@pytest.mark.parametrize("module", ADVICE_MODULES)
+def test_advice_names_options_the_named_command_accepts(module: str) -> None:
+    path = REPO / "ramgpt" / f"{module}.py"
+    if not path.is_file():
+        pytest.skip(f"{path} does not exist")
+    clis = _clis()
+    problems = [p for text in _strings(path) for p in advice_problems(text, clis)]
+    assert problems == []
+
+
+def test_commands_in_the_tokenizer_docs_exist() -> None:
+    """Every ``ramgpt ...`` line of docs/tokenizer.md's code blocks names options its command has."""
+    doc = (REPO / "docs" / "tokenizer.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```sh\n(.*?)```", doc, flags=re.S)
+    lines = [ln.strip() for b in blocks for ln in b.splitlines() if ln.strip().startswith("ramgpt ")]
+    assert len(lines) >= 6
+    clis = _clis()
+    assert [p for ln in lines for p in advice_problems(ln, clis)] == []
