@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+import typer.core
 from rich.console import Console
 
 from ramgpt.errors import ConfigError, RamgptError
@@ -30,18 +31,47 @@ app = typer.Typer(
 err_console = Console(stderr=True)
 
 
+class _Command(typer.core.TyperCommand):
+    """Help that reads like a manual: flags show no ``<bool>``, options name their value
+    (``--max-steps N`` style), arguments are ``RUN_DIR`` in the usage line."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        params = super().get_params(ctx)
+        for p in params:
+            if isinstance(p, typer.core.TyperArgument):
+                name = p.display_name_raw.upper()
+                p._usage_display_name = lambda name=name, p=p: name if p.required else f"[{name}]"  # type: ignore[method-assign]
+            elif getattr(p, "is_flag", False) or getattr(p, "count", False):
+                p.metavar = ""
+            elif p.metavar is None:
+                p.metavar = (p.name or "value").rstrip("_").upper()
+        return params
+
+
+def _version(value: bool) -> None:
+    if value:
+        from ramgpt import __version__
+
+        typer.echo(f"ramgpt {__version__}")
+        raise typer.Exit(0)
+
+
 @app.callback()
-def _setup() -> None:
+def _setup(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
     """Runs before every command, before any command imports torch."""
     from ramgpt.numerics import ensure_reproducible_env
 
     ensure_reproducible_env()
 
 # Reusable option types ------------------------------------------------------------------------
-ProfileOpt = Annotated[str, typer.Option("--profile", help="Profile name (see profiles/) or path to a YAML file.")]
+ProfileOpt = Annotated[str, typer.Option("--profile", metavar="NAME", help="Profile name (see profiles/) or path to a YAML file.")]
 SetOpt = Annotated[
     list[str] | None,
-    typer.Option("--set", help="Override a field: section.field=value (repeatable), e.g. --set optim.lr=1e-4."),
+    typer.Option("--set", metavar="FIELD=VALUE", help="Override a field: section.field=value (repeatable), e.g. --set optim.lr=1e-4."),
 ]
 MicroTestOpt = Annotated[
     bool, typer.Option("--micro-test", help="Shrink the profile to 2 layers, seq 128, a few steps (smoke test).")
@@ -94,7 +124,7 @@ def _load(profile: str, sets: list[str] | None, micro_test: bool = False):
 
 # ----------------------------------------------------------------------------------------------
 # train
-@app.command()
+@app.command(cls=_Command)
 @handle_errors
 def train(
     profile: ProfileOpt = "micro-test",
@@ -122,18 +152,18 @@ def train(
     prof = _load(profile, sets, micro_test)
     hooks = []
     if prof.checkpoint.hf_repo_id and prof.checkpoint.push_to_hub_interval:
-        from ramgpt.push_hook import HubPushHook
+        from ramgpt.hub.hook import HubPushHook
 
         hooks.append(HubPushHook(prof.checkpoint))
     result = run_train(prof, resume=resume, on_saved=hooks)
-    err_console.print(result.summary(), highlight=False)
+    err_console.print(result.summary(), highlight=False, soft_wrap=True)
     if result.interrupted:
         raise typer.Exit(130)  # the shell convention for Ctrl-C; the checkpoint is already saved
 
 
 # ----------------------------------------------------------------------------------------------
 # generate
-@app.command()
+@app.command(cls=_Command)
 @handle_errors
 def generate(
     checkpoint: Annotated[
@@ -190,7 +220,7 @@ def generate(
 
 # ----------------------------------------------------------------------------------------------
 # doctor / estimate-memory
-@app.command()
+@app.command(cls=_Command)
 @handle_errors
 def doctor(
     profile: Annotated[str | None, typer.Option("--profile", help="Also check this profile's needs.")] = None,
@@ -210,7 +240,7 @@ def doctor(
         raise typer.Exit(1)
 
 
-@app.command("estimate-memory")
+@app.command("estimate-memory", cls=_Command)
 @handle_errors
 def estimate_memory(
     profile: ProfileOpt = "1b",
@@ -256,7 +286,7 @@ def estimate_memory(
 
 # ----------------------------------------------------------------------------------------------
 # checkpoints: prune / push / export
-@app.command("prune-ckpt")
+@app.command("prune-ckpt", cls=_Command)
 @handle_errors
 def prune_ckpt(
     run_dir: Annotated[Path, typer.Argument(help="Run directory holding step_* checkpoints.")],
@@ -273,7 +303,7 @@ def prune_ckpt(
     render_prune(report, Console())
 
 
-@app.command()
+@app.command(cls=_Command)
 @handle_errors
 def push(
     run_dir: Annotated[Path, typer.Argument(help="Run directory, checkpoint, or exported model directory.")],
@@ -317,7 +347,7 @@ def push(
     render_push(plan, Console())
 
 
-@app.command()
+@app.command(cls=_Command)
 @handle_errors
 def export(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint directory or run directory (newest complete).")],
@@ -338,7 +368,7 @@ def export(
     Console().print(f"exported to {path}")
 
 
-@app.command("profiles")
+@app.command("profiles", cls=_Command)
 @handle_errors
 def list_profiles() -> None:
     """List the shipped profiles."""
@@ -359,7 +389,7 @@ tokenizer_app = typer.Typer(
 app.add_typer(tokenizer_app, name="tokenizer")
 
 
-@tokenizer_app.command("train")
+@tokenizer_app.command("train", cls=_Command)
 @handle_errors
 def tokenizer_train(
     out: Annotated[Path, typer.Option("--out", help="Directory to write (loads with data.tokenizer and AutoTokenizer).")],
@@ -401,7 +431,7 @@ def tokenizer_train(
     Console().print(result.summary(), highlight=False)
 
 
-@tokenizer_app.command("stats")
+@tokenizer_app.command("stats", cls=_Command)
 @handle_errors
 def tokenizer_stats(
     profile: ProfileOpt = "micro-test",

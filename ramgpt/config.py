@@ -66,7 +66,11 @@ class DataConfig(_Section):
         "hub: a Hugging Face Hub dataset through `datasets` streaming.",
     )
     path: str | None = Field(None, description="Local file or directory for source text/json/parquet.")
-    dataset_name: str | None = Field(None, description="Hub dataset id for source=hub.")
+    dataset_name: str | None = Field(
+        None,
+        description="Hub dataset id for source=hub, or a local copy of the Hub repository "
+        "(`hf download ID --repo-type dataset --local-dir DIR`), read without a network.",
+    )
     dataset_config: str | None = Field(None, description="Hub dataset configuration (subset), e.g. sample_10BT.")
     train_split: str = Field("train", description="Split used for training.")
     eval_split: str | None = Field(
@@ -82,6 +86,15 @@ class DataConfig(_Section):
     max_eval_samples: int = Field(64, ge=1, description="Documents used for evaluation.")
     shuffle_buffer: int = Field(1000, ge=1, description="Seeded shuffle buffer size for streamed documents (1 = no shuffle).")
     seed: int = Field(1234, description="Seed for the data order.")
+    train_tokenizer: bool = Field(
+        False,
+        description="Train a byte-level BPE on the first tokenizer_samples training documents into "
+        "RUN_DIR/tokenizer/ before the first step (data.tokenizer is then not used; a resume reuses the saved one).",
+    )
+    tokenizer_samples: int = Field(50_000, ge=1, description="Training documents read to learn the tokenizer.")
+    tokenizer_vocab_size: int | None = Field(
+        None, ge=258, description="Vocabulary the tokenizer learns (default: model.vocab_size; padded up to it)."
+    )
 
 
 class OptimConfig(_Section):
@@ -208,6 +221,11 @@ class Profile(_Section):
             raise ValueError(f"data.path is required when data.source is {self.data.source!r}")
         if self.data.source == "hub" and not self.data.dataset_name:
             raise ValueError("data.dataset_name is required when data.source is 'hub'")
+        if self.data.tokenizer_vocab_size and self.data.tokenizer_vocab_size > self.model.vocab_size:
+            raise ValueError(
+                f"data.tokenizer_vocab_size ({self.data.tokenizer_vocab_size}) is larger than model.vocab_size "
+                f"({self.model.vocab_size})"
+            )
         if self.checkpoint.save_interval_steps is None and self.checkpoint.save_interval_minutes is None:
             raise ValueError(
                 "checkpoint.save_interval_steps and checkpoint.save_interval_minutes are both null: set at least one"

@@ -50,7 +50,8 @@ import torch
 from ramgpt.config import DataConfig
 from ramgpt.errors import DataError
 from ramgpt.fmt import first_line
-from ramgpt.tokenizer import TextTokenizer, hub_reachable
+from ramgpt.probe import hub_reachable
+from ramgpt.tokenizer import TextTokenizer
 
 EMBEDDED_CORPUS_DIR = Path(__file__).resolve().parent / "assets" / "corpus"
 STATE_VERSION = 1

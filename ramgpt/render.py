@@ -163,12 +163,19 @@ def render_estimate(est: MemoryEstimate, console: Console) -> None:
         v.add_row("largest seqs_per_pass (streamed)", str(est.max_seqs_per_pass))
     console.print(v)
 
+    if est.time is not None:  # ramgpt.memory.timing.TimeEstimate: step, tokens/s, the whole run
+        tt = Table(title="time (projected)", title_justify="left", show_header=False, expand=False)
+        tt.add_column()
+        for line in est.time.lines():
+            tt.add_row(Text(line))
+        console.print(tt)
+
     for a in est.advice:
         console.print(Text("-> " + a, style="yellow"))
     for n in est.notes:
         console.print(Text("note: " + n, style="yellow"))
     console.print(Text("assumptions:", style="bold"))
-    for a in est.assumptions:
+    for a in (*est.assumptions, *(est.time.assumptions if est.time else ())):
         console.print(Text("  " + a, style="dim"))
 
 

@@ -21,13 +21,13 @@ import hashlib
 import json
 import os
 import re
-import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from ramgpt.errors import TokenizerError
 from ramgpt.fmt import first_line
+from ramgpt.probe import hub_reachable
 
 EMBEDDED_TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "tokenizer"
 EOS_TOKEN = "<|endoftext|>"
@@ -328,40 +328,6 @@ def _wrap_transformers(hf: Any, name: str) -> TextTokenizer:
 
 def _env_true(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in _TRUE
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hub (``HF_ENDPOINT``, through any HTTPS proxy in the environment) answers an HTTP
-    request within ``timeout`` seconds; any HTTP status counts as an answer.
-
-    A real request, not a TCP connect, because some sandboxes accept every connection and never
-    answer. It runs in a daemon thread since name resolution ignores socket timeouts; an unanswered
-    DNS query must not hold the caller longer than ``timeout``.
-    """
-    import ssl
-    import urllib.error
-    import urllib.request
-
-    url = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
-    result: list[bool] = []
-
-    def probe() -> None:
-        try:
-            with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout):
-                result.append(True)
-        except urllib.error.HTTPError:
-            result.append(True)  # the server answered, just not with 2xx
-        except urllib.error.URLError as e:
-            # A TLS failure means something answered (say, a proxy with its own CA that the hub
-            # client is configured for); let the real attempt decide.
-            result.append(isinstance(e.reason, ssl.SSLError))
-        except Exception:
-            result.append(False)
-
-    thread = threading.Thread(target=probe, name="ramgpt-hub-probe", daemon=True)
-    thread.start()
-    thread.join(timeout + 0.5)
-    return bool(result and result[0])
 
 
 def _offline_message(spec: str, reason: str) -> str:

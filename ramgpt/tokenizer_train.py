@@ -41,7 +41,7 @@ from ramgpt.tokenizer import (
     train_byte_level_bpe,
 )
 
-DEFAULT_SAMPLES = 50_000  # training documents read to learn a tokenizer when not told otherwise
+DEFAULT_SAMPLES: int = DataConfig.model_fields["tokenizer_samples"].default  # the profile field's default
 MIN_FREQUENCY = 2
 RUN_TOKENIZER_DIR = "tokenizer"  # RUN_DIR/tokenizer/ when the profile asks for a trained tokenizer
 META_FILE = "ramgpt_tokenizer.json"  # how the tokenizer was trained (provenance; not read by loaders)
@@ -272,10 +272,7 @@ def ensure_tokenizer(
     ``load_tokenizer(data.tokenizer)``.
     """
     data = profile.data
-    # TODO(config): DataConfig gains train_tokenizer (bool, default false), tokenizer_samples (int >= 1,
-    # default DEFAULT_SAMPLES) and tokenizer_vocab_size (int | None); until it does, these getattr defaults keep
-    # the old behaviour (load data.tokenizer).
-    if not getattr(data, "train_tokenizer", False):
+    if not data.train_tokenizer:
         return load_tokenizer(data.tokenizer)
     target = Path(run_dir if run_dir is not None else profile.run_dir) / RUN_TOKENIZER_DIR
     if (target / "tokenizer.json").is_file():
@@ -283,8 +280,8 @@ def ensure_tokenizer(
     result = train_tokenizer(
         data,
         target,
-        vocab_size=getattr(data, "tokenizer_vocab_size", None) or profile.model.vocab_size,
-        samples=getattr(data, "tokenizer_samples", DEFAULT_SAMPLES),
+        vocab_size=data.tokenizer_vocab_size or profile.model.vocab_size,
+        samples=data.tokenizer_samples,
         pad_to=profile.model.vocab_size,
         overwrite=True,  # an empty or partial leftover of an interrupted first start
         on_progress=on_progress,

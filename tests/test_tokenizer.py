@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 
 from ramgpt.errors import TokenizerError
+from ramgpt.probe import hub_reachable
 from ramgpt.tokenizer import (
     EMBEDDED_TOKENIZER_DIR,
     EOS_TOKEN,
     TextTokenizer,
-    hub_reachable,
     load_tokenizer,
     train_byte_level_bpe,
 )

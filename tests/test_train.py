@@ -86,7 +86,7 @@ def test_interrupted_then_resumed_reproduces_losses(tmp_path: Path, engine: str)
     train(_profile(full, *extra))
     broken = tmp_path / "broken"
     # Ctrl-C while step 7 is being logged: the loop saves step 7 and stops
-    from ramgpt.dashboard import JsonlSink
+    from ramgpt.sinks.jsonl import JsonlSink
 
     res = train(_profile(broken, *extra), sinks=[JsonlSink(broken), _InterruptAt(7)])
     assert res.interrupted and res.steps == 7
@@ -195,7 +195,7 @@ def test_background_push_sends_weights_not_optimizer_and_deletes_rotated(tmp_pat
         "checkpoint.keep_last_n=1",
         "checkpoint.delete_remote_rotated=true",
     )
-    from ramgpt.push_hook import HubPushHook
+    from ramgpt.hub.hook import HubPushHook
 
     res = train(prof, on_saved=[HubPushHook(prof.checkpoint, api=hub)])
     assert res.steps == 12

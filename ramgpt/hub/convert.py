@@ -88,24 +88,10 @@ def _rename(key: str, table: list[tuple[re.Pattern[str], str, bool]]) -> tuple[s
 
 @functools.cache
 def tied_keys() -> dict[str, str]:
-    """``{alias: owner}`` of the weights a tied ramgpt GPT shares (``head.lm_head.weight`` ->
-    ``embed.wte.weight``), read off the model's own parameter aliasing so this module holds no
-    copy of that fact. Built once on the meta device (no memory, no init cost)."""
-    import torch
+    """``{alias: owner}`` of the weights a tied ramgpt GPT shares (the model's ``TIED_WEIGHTS``)."""
+    from ramgpt.model import TIED_WEIGHTS
 
-    from ramgpt.config import ModelConfig
-    from ramgpt.model import GPT
-
-    with torch.device("meta"):
-        model = GPT(ModelConfig(n_layer=1, n_head=1, n_embd=8, block_size=8, vocab_size=16, tie_embeddings=True))
-    owner: dict[int, str] = {}
-    out: dict[str, str] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if id(p) in owner:
-            out[name] = owner[id(p)]
-        else:
-            owner[id(p)] = name
-    return out
+    return dict(TIED_WEIGHTS)
 
 
 def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:

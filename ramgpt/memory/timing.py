@@ -83,8 +83,24 @@ CARDS: dict[str, CardClass] = {
                   "NVIDIA H100 datasheet, dense bf16; link measured on the H100 machine (docs/benchmarks.md)", (9, 0), 16),
         CardClass("h200", "NVIDIA H200 141GB", 140.0, 989.0, 55.0, "PCIe 5.0 x16",
                   "NVIDIA H200 datasheet, dense bf16; link measured on the H200 machine (docs/benchmarks.md)", (9, 0), 16),
+        CardClass("a100", "NVIDIA A100 80GB", 80.0, 312.0, 25.0, "PCIe 4.0 x16", "NVIDIA A100 datasheet, dense bf16",
+                  (8, 0), 16),
+        CardClass("l4", "NVIDIA L4 24GB", 24.0, 121.0, 25.0, "PCIe 4.0 x16", "NVIDIA L4 datasheet, dense bf16", (8, 9), 8),
+        CardClass("a10", "NVIDIA A10 24GB", 24.0, 125.0, 25.0, "PCIe 4.0 x16", "NVIDIA A10 datasheet, dense bf16",
+                  (8, 6), 8),
     )
 }
+
+
+def card_for_gpu(gpu_name: str) -> CardClass | None:
+    """The card class a device name (as torch or NVML report it) belongs to, e.g. "NVIDIA H200"
+    -> h200, "NVIDIA GeForce RTX 3050 6GB Laptop GPU" -> rtx3050-6gb; None when unknown."""
+    name = gpu_name.upper().replace(" ", "")
+    for card in CARDS.values():
+        model = card.key.split("-")[0].upper()  # "RTX3050", "H100", "A10"
+        if model in name and not (model == "A10" and "A100" in name):
+            return card
+    return None
 
 
 @dataclass(frozen=True)

@@ -12,22 +12,19 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
-"""Dense bf16 tensor-core peaks (FLOP/s) for MFU; unknown cards get no MFU (RAMGPT_PEAK_TFLOPS sets one)."""
-
-
-def flops_per_token(n_params: int, n_layer: int, n_embd: int, seq_len: int) -> float:
-    """6N + 12·L·C·T training FLOPs per token (PaLM appendix B; recompute not counted)."""
-    return 6.0 * n_params + 12.0 * n_layer * n_embd * seq_len
-
 
 def peak_flops(device: str, gpu_name: str | None) -> float | None:
+    """Dense bf16 peak (FLOP/s) of the card for MFU, from the card classes of ramgpt.memory.timing;
+    unknown cards get no MFU (RAMGPT_PEAK_TFLOPS supplies one)."""
+    from ramgpt.memory.timing import card_for_gpu
+
     env = os.environ.get("RAMGPT_PEAK_TFLOPS")
     if env:
         return float(env) * 1e12
     if not device.startswith("cuda") or not gpu_name:
         return None
-    return next((v for k, v in _PEAK_FLOPS.items() if k in gpu_name), None)
+    card = card_for_gpu(gpu_name)
+    return card.bf16_tflops * 1e12 if card else None
 
 
 def transfer_metrics(prev: dict[str, float], cur: dict[str, float], steps: int, dt: float) -> dict[str, float]:

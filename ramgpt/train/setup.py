@@ -19,12 +19,13 @@ from ramgpt import checkpoint as ckpt
 from ramgpt.config import Profile
 from ramgpt.errors import CheckpointError, ConfigError, OutOfMemoryError, RamgptError, is_out_of_memory
 from ramgpt.fmt import first_line
+from ramgpt.memory.timing import flops_per_token
 from ramgpt.placement import Placement, decide
 from ramgpt.probe import probe_machine
 from ramgpt.schedule import Schedule, resume_schedule
 from ramgpt.train.checkpointer import Checkpointer, SaveContext, SavedHook
 from ramgpt.train.evaluator import Evaluator
-from ramgpt.train.metrics import MetricsLogger, flops_per_token, peak_flops
+from ramgpt.train.metrics import MetricsLogger, peak_flops
 from ramgpt.train.rundir import RunDir
 from ramgpt.train.state import Snapshot, TrainResult, TrainState
 
@@ -111,7 +112,7 @@ def _place(profile: Profile) -> Placement:
 
 
 def _default_sinks(profile: Profile, run_dir: Path, resume_step: int | None, wandb_id: str | None) -> list:
-    from ramgpt.dashboard import make_sinks  # rich is imported only when the caller brings no sinks
+    from ramgpt.sinks import make_sinks  # the panel (rich) is imported only when make_sinks picks it
 
     return make_sinks(profile.logging, run_dir, profile.to_public_dict(), wandb_resume_id=wandb_id,
                       resume_step=resume_step, title=f"ramgpt · {profile.name}")
@@ -129,27 +130,27 @@ def _load_resume(run_dir: Path, resume: str, notices: list[str]) -> ckpt.LoadedC
 
 def setup_run(profile: Profile, *, resume: str | None, sinks: list | None, on_saved: Sequence[SavedHook],
               t_start: float) -> Run:
-    from ramgpt.dashboard import MultiSink, find_wandb_run_id
     from ramgpt.data import TokenBatches, eval_batches
     from ramgpt.engine import build_engine
     from ramgpt.model import GPT
+    from ramgpt.sinks import MultiSink
+    from ramgpt.sinks.wandb import find_wandb_run_id
     from ramgpt.sysstats import SystemStats
-    from ramgpt.tokenizer import load_tokenizer
+    from ramgpt.tokenizer_train import ensure_tokenizer
 
     rt = profile.runtime
     if rt.threads:
         torch.set_num_threads(rt.threads)
     torch.manual_seed(rt.seed)
     placement = _place(profile)
-    tokenizer = load_tokenizer(profile.data.tokenizer)
-    if tokenizer.vocab_size > profile.model.vocab_size:
-        raise ConfigError(
-            f"model.vocab_size ({profile.model.vocab_size}) is smaller than the tokenizer's vocabulary "
-            f"({tokenizer.vocab_size} tokens of {tokenizer.name!r}); raise model.vocab_size"
-        )
-
     run_dir = RunDir(profile.run_dir).open()  # created, writable, locked
     try:
+        tokenizer = ensure_tokenizer(profile, run_dir.path)  # trains one first when the profile asks
+        if tokenizer.vocab_size > profile.model.vocab_size:
+            raise ConfigError(
+                f"model.vocab_size ({profile.model.vocab_size}) is smaller than the tokenizer's vocabulary "
+                f"({tokenizer.vocab_size} tokens of {tokenizer.name!r}); raise model.vocab_size"
+            )
         notices: list[str] = []
         loaded = None
         if resume:
@@ -210,10 +211,9 @@ def setup_run(profile: Profile, *, resume: str | None, sinks: list | None, on_sa
 
     sysstats = SystemStats(placement.device, vram_budget_b=placement.vram_budget_b)
     gpu = probe_machine().gpu(placement.device)
-    m = profile.model
     metrics = MetricsLogger(
         out, engine, sysstats, max_steps=profile.optim.max_steps, log_interval=profile.logging.log_interval,
-        flops_per_token=flops_per_token(n_params, m.n_layer, m.n_embd, profile.data.seq_len),
+        flops_per_token=flops_per_token(profile.model, profile.data.seq_len),  # model FLOPs: no recompute
         peak_flops=peak_flops(placement.device, gpu.name if gpu else None), t_start=t_start,
         epoch_of=lambda: data.epoch + 1,
     )

@@ -23,7 +23,7 @@ class HubPushHook:
         self.remote_deletes: list[str] = []
 
     def __call__(self, path: Path, step: int, removed: list[Path], event: Callable[[str, str], None]) -> None:
-        from ramgpt.hub import push_checkpoint_background, remote_delete_patterns
+        from ramgpt.hub.upload import push_checkpoint_background, remote_delete_patterns
 
         self.event = event
         c = self.cfg
