@@ -44,12 +44,14 @@ def assert_one_error_line(result, *needles: str, allow_warnings: bool = False) -
     assert result.exit_code != 0, out
     assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
     assert "Traceback" not in out
-    lines = [ln for ln in out.splitlines() if ln.strip()]
+    # "phase: ..." lines are train's start-up progress on stdout (plain output), not part of the error
+    lines = [ln for ln in out.splitlines() if ln.strip() and not ln.startswith("phase: ")]
     if allow_warnings:
         lines = [ln for ln in lines if not ln.startswith("warning: ")]
     assert len(lines) == 1, out
     assert lines[0].startswith("error:"), out
-    assert result.stdout == "", "errors go to stderr, not stdout"
+    stdout = [ln for ln in result.stdout.splitlines() if ln.strip() and not ln.startswith("phase: ")]
+    assert stdout == [], "errors go to stderr, not stdout"
     assert result.stderr.strip().splitlines()[-1] == lines[0]
     for n in needles:
         assert n in lines[0], f"{n!r} not in {lines[0]!r}"

@@ -187,7 +187,7 @@ def test_hub_any_http_answer_counts() -> None:
 def test_measure_matmul_on_the_cpu() -> None:
     r = probe.measure_matmul("cpu", (64, 128, 256), min_s=0.05)
     assert r.device == "cpu" and r.dtype == "fp32" and r.shape == (64, 128, 256)
-    assert r.tflops > 0 and r.seconds >= 0.05
+    assert r.tflops > 0 and r.seconds > 0  # min_s or max_reps, whichever comes first
     assert set(r.to_dict()) == {"device", "device_name", "dtype", "shape", "tflops", "seconds"}
 
 
@@ -195,7 +195,7 @@ def test_measure_adamw() -> None:
     import torch
 
     r = probe.measure_adamw(2**16, min_s=0.02)
-    assert r.params == 2**16 and r.threads == torch.get_num_threads() and r.params_per_s > 0 and r.seconds >= 0.02
+    assert r.params == 2**16 and r.threads == torch.get_num_threads() and r.params_per_s > 0 and r.seconds > 0
 
 
 def test_measure_speed_without_cuda_is_none() -> None:

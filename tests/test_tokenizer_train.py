@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import random
-import types
 from pathlib import Path
 
 import pytest
@@ -201,11 +200,9 @@ def test_progress_reports_reading_then_learning(tmp_path: Path) -> None:
 # --- the trainer's hook ----------------------------------------------------------------------------
 
 
-def _asking_profile(run_dir: Path, **fields: object) -> types.SimpleNamespace:
-    """micro-test with the proposed DataConfig fields set (config.py does not have them yet)."""
-    base = _profile()
-    data = types.SimpleNamespace(**base.data.model_dump(), **fields)
-    return types.SimpleNamespace(data=data, model=base.model, run_dir=run_dir)
+def _asking_profile(run_dir: Path, **fields: object):
+    """micro-test asking for a trained tokenizer (the DataConfig fields), run in ``run_dir``."""
+    return _profile(*(f"data.{k}={v}" for k, v in fields.items()), f"checkpoint.out_dir={run_dir}")
 
 
 def test_data_tokenizer_accepts_the_trained_directory(trained: Path, tok: TextTokenizer) -> None:

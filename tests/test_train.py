@@ -117,8 +117,8 @@ def test_nan_loss_stops_with_one_line_and_keeps_checkpoints(tmp_path: Path, monk
     real = eng.ResidentEngine.forward_backward
     calls = {"n": 0}
 
-    def poisoned(self, x, y):
-        out = real(self, x, y)
+    def poisoned(self, x, y, last_pass=False):
+        out = real(self, x, y, last_pass)
         calls["n"] += 1
         # from step 6 on (2 passes per step) the loss is NaN
         return out * float("nan") if calls["n"] > 10 else out
@@ -249,11 +249,11 @@ def test_cuda_oom_is_one_line_naming_what_to_lower(tmp_path: Path, monkeypatch) 
     calls = {"n": 0}
     real = eng.ResidentEngine.forward_backward
 
-    def oom_later(self, x, y):
+    def oom_later(self, x, y, last_pass=False):
         calls["n"] += 1
         if calls["n"] > 10:  # step 6 (2 passes per step)
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(self, x, y)
+        return real(self, x, y, last_pass)
 
     monkeypatch.setattr(eng.ResidentEngine, "forward_backward", oom_later)
     with pytest.raises(OutOfMemoryError) as exc:
@@ -292,7 +292,8 @@ def test_steps_between_log_rows_still_report_progress(tmp_path: Path) -> None:
     train(_profile(tmp_path / "r", "logging.log_interval=5", "logging.eval_interval=100"), sinks=[sink])
     assert sink.logged == [5, 10, 12]
     assert sink.progressed == [1, 2, 3, 4, 6, 7, 8, 9, 11]
-    assert sink.phases[0] == "building the model" and sink.phases[-1] == "first step"
+    assert sink.phases[0] == "reading the data" and "building the model" in sink.phases
+    assert sink.phases[-1] == "first step"
 
 
 def test_oom_in_the_streaming_worker_names_pass_size_and_host_accumulation(tmp_path: Path, monkeypatch) -> None:
@@ -301,7 +302,7 @@ def test_oom_in_the_streaming_worker_names_pass_size_and_host_accumulation(tmp_p
     import ramgpt.engine as eng
     from ramgpt.errors import OutOfMemoryError
 
-    def worker_oom(self, x, y):
+    def worker_oom(self, x, y, last_pass=False):
         try:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 74.00 MiB")
         except torch.OutOfMemoryError as e:

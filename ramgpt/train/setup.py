@@ -132,7 +132,7 @@ def setup_run(profile: Profile, *, resume: str | None, sinks: list | None, on_sa
               t_start: float) -> Run:
     from ramgpt.data import TokenBatches, eval_batches
     from ramgpt.engine import build_engine
-    from ramgpt.model import GPT
+    from ramgpt.model import build_gpt
     from ramgpt.sinks import MultiSink
     from ramgpt.sinks.wandb import find_wandb_run_id
     from ramgpt.sysstats import SystemStats
@@ -183,13 +183,14 @@ def setup_run(profile: Profile, *, resume: str | None, sinks: list | None, on_sa
 
     engine = None
     try:
-        phase("building the model")
-        model = GPT(profile.model, loss_chunk_tokens=rt.loss_chunk_tokens)
-        phase("placing the weights" + (" in pinned CPU RAM" if placement.engine == "streamed" else ""))
-        engine = build_engine(model, placement, profile.optim, rt)
+        # the data first: a missing or unreadable dataset is a one-line error before minutes of set-up
         phase("reading the data")
         data = TokenBatches(profile.data, tokenizer, "train", profile.optim.micro_batch_size, profile.data.seed)
         eval_set = eval_batches(profile.data, tokenizer, profile.logging.eval_batches, profile.optim.micro_batch_size)
+        phase("building the model")
+        model = build_gpt(profile.model, rt.loss_chunk_tokens)
+        phase("placing the weights" + (" in pinned CPU RAM" if placement.engine == "streamed" else ""))
+        engine = build_engine(model, placement, profile.optim, rt)
         if loaded is not None:
             phase(f"restoring step {loaded.step}")
             _restore(engine, data, loaded, profile)
