@@ -63,17 +63,21 @@ class Capture:
     def __init__(self):
         self.rows: list[dict] = []
         self.events: list[tuple[str, str]] = []
+        self.t0 = time.perf_counter()
+        self.phases: list[tuple[str, float]] = []  # (phase, seconds since train() began)
 
     def log(self, m, step):
         self.rows.append(dict(m))
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in m.items()
                           if k in ("step", "loss", "tokens_per_s", "step_time_s", "optimizer_time_s", "mfu",
-                                   "vram_peak_reserved_b", "h2d_gbps", "d2h_gbps", "stall_pct", "eval_loss")}),
+                                   "vram_peak_reserved_b", "h2d_gbps", "d2h_gbps", "stall_pct", "eval_loss",
+                                   "optimizer_exposed_s", "optimizer_share", "pinned_b", "rss_b")}),
               flush=True)
 
     def progress(self, step, **quick):
         if quick.get("phase"):
-            print(f"[phase] {quick['phase']}", flush=True)
+            self.phases.append((quick["phase"], time.perf_counter() - self.t0))
+            print(f"[phase] {quick['phase']} at {self.phases[-1][1]:.1f}s", flush=True)
 
     def event(self, kind, msg):
         self.events.append((kind, msg))
@@ -124,6 +128,7 @@ def _train_section(profile_name: str, sets: list[str], steps: int, label: str) -
     rss = RssPeak()
     cap = Capture()
     t0 = time.perf_counter()
+    cap.t0 = t0
     train(prof, sinks=[cap])
     wall = time.perf_counter() - t0
     peak_rss = rss.stop()
@@ -142,6 +147,11 @@ def _train_section(profile_name: str, sets: list[str], steps: int, label: str) -
         "h2d_gbps": statistics.median(r.get("h2d_gbps", float("nan")) for r in timed),
         "d2h_gbps": statistics.median(r.get("d2h_gbps", float("nan")) for r in timed),
         "stall_pct": statistics.median(r.get("stall_pct", float("nan")) for r in timed),
+        "optimizer_exposed_pct": 100 * statistics.median(r.get("optimizer_share", float("nan")) for r in timed),
+        "pinned_gib": cap.rows[-1].get("pinned_b", 0) / 2**30,
+        "first_pass_starts_s": next((t for ph, t in cap.phases if ph == "first step"), float("nan")),
+        "first_step_done_s": cap.rows[0]["elapsed_s"] if cap.rows else float("nan"),
+        "phases": cap.phases,
         "seqs_per_pass": cap.rows[-1].get("seqs_per_pass"),
         "losses": [r["loss"] for r in cap.rows],
         "wall_s": wall,

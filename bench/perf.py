@@ -207,73 +207,66 @@ def section_pin(out: Path) -> dict:
 
 
 def section_trace(out: Path) -> dict:
+    """Two optimizer steps of two passes each (16 seqs per pass) of the streamed 1b; the second is
+    traced (its first pass overlaps the first step's optimizer). Writes DIR/trace-step.json.gz."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprof
+
     from ramgpt.config import load_profile
     from ramgpt.engine import build_engine
-    from ramgpt.model import GPT
+    from ramgpt.model import build_gpt
+    from ramgpt.placement import decide
+    from ramgpt.probe import probe_machine
 
     prof = load_profile("rtx3050-6gb", ["runtime.seqs_per_pass=16"])
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    model = GPT(prof.model, loss_chunk_tokens=prof.runtime.loss_chunk_tokens)
+    model = build_gpt(prof.model, prof.runtime.loss_chunk_tokens)
     build_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    from ramgpt.placement import decide
-    from ramgpt.probe import probe_machine
-
     eng = build_engine(model, decide(prof, probe_machine()), prof.optim, prof.runtime)
     engine_s = time.perf_counter() - t0
     spp = eng.seqs_per_pass
+    pinned_ok = all(t.is_pinned() for st in eng.om._state for t in st.tensors.values())
+    in_arena = all(eng.arena.contains(t) for st in eng.om._state for t in st.tensors.values())
 
     def batch():
-        x = torch.randint(0, V, (spp, T))
-        return x, torch.randint(0, V, (spp, T))
+        return torch.randint(0, V, (2 * spp, T)), torch.randint(0, V, (2 * spp, T))
 
-    t0 = time.perf_counter()
-    eng.forward_backward(*batch())
-    torch.cuda.synchronize()
-    first_pass_s = time.perf_counter() - t0
-    for _ in range(2):
-        eng.forward_backward(*batch())
-    torch.cuda.synchronize()
-    pass_times = []
-    for _ in range(4):
+    steps = []
+    for _ in range(3):
         t = time.perf_counter()
-        eng.forward_backward(*batch())
-        torch.cuda.synchronize()
-        pass_times.append(time.perf_counter() - t)
-    t = time.perf_counter()
-    rep = eng.optimizer_step(1e-4, spp * T * 7)
-    opt_s = time.perf_counter() - t
+        rep = eng.train_step(*batch(), 1e-4)
+        steps.append(time.perf_counter() - t)
     c0 = eng.counters()
-    path = "/tmp/trace-pass.json"
-    x, y = batch()
-    with torch.autocast("cuda", dtype=torch.bfloat16):
+    with tprof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
         t = time.perf_counter()
-        eng.om.step((x, y), loss_fn=lambda o, _t: o, profile_path=path)
+        eng.train_step(*batch(), 1e-4)
         torch.cuda.synchronize()
         traced_s = time.perf_counter() - t
-    eng._before_optimizer()
     c1 = eng.counters()
-    tr = json.loads(Path(path).read_text())
+    path = out / "trace-step.json"
+    p.export_chrome_trace(str(path))
+    tr = json.loads(path.read_text())
+    path.unlink()
     ev = [e for e in tr.get("traceEvents", []) if e.get("ph") == "X"]
-    kern = [e for e in ev if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
-    by_stream: dict = {}
+    kern = sorted((e for e in ev if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")), key=lambda e: e["ts"])
+    streams: dict = {}
     for e in kern:
-        key = (e.get("args", {}).get("stream"), e.get("cat"))
-        by_stream.setdefault(str(key), 0.0)
-        by_stream[str(key)] += e["dur"] / 1e3
-    waits = [e for e in ev if str(e.get("name", "")).startswith("wait L")]
-    wait_ms = sum(e["dur"] for e in waits) / 1e3
-    span = (max(e["ts"] + e["dur"] for e in kern) - min(e["ts"] for e in kern)) / 1e3 if kern else 0
-    with gzip.open(out / "trace-pass.json.gz", "wt") as f:
+        streams.setdefault(e.get("args", {}).get("stream"), []).append(e)
+    comp_id = max(streams, key=lambda k: sum(e["dur"] for e in streams[k] if e.get("cat") == "kernel"))
+    comp = streams[comp_id]
+    span_ms = (comp[-1]["ts"] + comp[-1]["dur"] - comp[0]["ts"]) / 1e3
+    busy_ms = sum(e["dur"] for e in comp) / 1e3
+    gaps = sorted(((b["ts"] - a["ts"] - a["dur"]) / 1e3 for a, b in zip(comp, comp[1:])), reverse=True)
+    with gzip.open(out / "trace-step.json.gz", "wt") as f:
         json.dump(tr, f)
+    counters = {k: c1[k] - c0.get(k, 0) for k in c1 if k.endswith("_total")}
     eng.close()
-    return {"build_model_s": build_s, "build_engine_s": engine_s, "first_pass_s": first_pass_s,
-            "pass_s": statistics.median(pass_times), "optimizer_step_s": opt_s, "grad_norm": rep.grad_norm,
-            "traced_pass_s": traced_s, "gpu_span_ms": span, "busy_ms_by_stream_cat": by_stream,
-            "acquire_wait_ms": wait_ms, "n_waits": len(waits),
-            "stall_load_s": c1["stall_load_s_total"] - c0["stall_load_s_total"],
-            "stall_grad_s": c1["stall_grad_s_total"] - c0["stall_grad_s_total"], "spp": spp}
+    return {"build_model_s": build_s, "build_engine_s": engine_s, "pinned_ok": pinned_ok, "in_arena": in_arena,
+            "pinned_gib": c1["pinned_b"] / 2**30, "step_s": steps, "grad_norm": rep.grad_norm, "traced_step_s": traced_s,
+            "compute_span_ms": span_ms, "compute_busy_ms": busy_ms, "gaps_over_1ms": sum(g for g in gaps if g > 1),
+            "largest_gaps_ms": gaps[:8], "counters": counters, "spp": spp}
 
 
 SECTIONS = {"ceiling": section_ceiling, "model": section_model, "optim": section_optim, "pin": section_pin,

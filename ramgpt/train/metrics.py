@@ -119,6 +119,12 @@ class MetricsLogger:
         if self.peak:
             row["mfu"] = self.fpt * w.tokens / dt / self.peak
         row.update(transfer_metrics(self.prev_counters, counters, w.steps, dt))
+        if "optimizer_work_s_total" in counters:  # an optimizer that overlaps the passes: work vs exposed
+            work = counters["optimizer_work_s_total"] - self.prev_counters.get("optimizer_work_s_total", 0.0)
+            exposed = counters["optimizer_exposed_s_total"] - self.prev_counters.get("optimizer_exposed_s_total", 0.0)
+            row["optimizer_time_s"] = work / w.steps
+            row["optimizer_exposed_s"] = exposed / w.steps
+            row["optimizer_share"] = exposed / dt
         row.update({k: v for k, v in counters.items() if not k.endswith("_total")})
         row.update(self.sysstats.sample())
         self.sink.log(row, step)
