@@ -138,6 +138,9 @@ def train(
     tui: Annotated[
         bool | None, typer.Option("--tui/--no-tui", help="Force the live panel on or off (default: on for a terminal).")
     ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Start even when the disk cannot hold keep_last_n + 1 checkpoints.")
+    ] = False,
 ) -> None:
     """Train a profile (resident or streamed engine), writing checkpoints and metrics.jsonl."""
     from ramgpt.train import train as run_train
@@ -149,6 +152,8 @@ def train(
         sets.append(f"optim.max_steps={max_steps}")
     if tui is not None:
         sets.append(f"logging.tui={'on' if tui else 'off'}")
+    if force:
+        sets.append("checkpoint.require_free_disk=false")
     prof = _load(profile, sets, micro_test)
     hooks = []
     if prof.checkpoint.hf_repo_id and prof.checkpoint.push_to_hub_interval:

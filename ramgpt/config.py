@@ -138,6 +138,16 @@ class CheckpointConfig(_Section):
         "either or both intervals can be set.",
     )
     keep_last_n: int = Field(3, ge=1, description="Keep only the newest N checkpoints (the best-eval one is kept too).")
+    background: bool = Field(
+        True,
+        description="Write checkpoints while the next step trains (streamed engine: from the live tensors, no "
+        "second copy in RAM; the next update of a tensor waits until it is written). false: training waits.",
+    )
+    require_free_disk: bool = Field(
+        True,
+        description="Refuse to start when the disk cannot hold keep_last_n + 1 checkpoints (ramgpt train --force "
+        "turns it off).",
+    )
     save_on_interrupt: bool = Field(True, description="Write a checkpoint when training is interrupted with Ctrl-C.")
     save_final: bool = Field(True, description="Write a checkpoint when training ends.")
     hf_repo_id: str | None = Field(None, description="Push checkpoints to this Hub repo (USER/NAME) during training.")

@@ -9,7 +9,7 @@ import os
 import secrets
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -169,8 +169,12 @@ def save_checkpoint(
     optimizer_state: dict[str, Any] | None,
     meta: dict[str, Any],
     tokenizer: Any | None = None,
+    after_tensor: Callable[[torch.Tensor], None] | None = None,
 ) -> Path:
     """Write ``RUN_DIR/step_XXXXXXX/`` atomically and return its path.
+
+    ``after_tensor(t)`` is called once each tensor is on disk (hashed and written): a background
+    save lets the optimizer update that tensor from then on (``ramgpt.train.checkpointer``).
 
     ``meta`` is stored as given (it must be JSON-serialisable); ``step``, ``format_version``,
     ``created``, ``tied`` and ``files`` are added. Re-saving an existing step replaces it only
@@ -207,10 +211,10 @@ def save_checkpoint(
         tmp.mkdir()
         files: dict[str, dict[str, Any]] = {}
 
-        rec = write_safetensors(tmp / MODEL_FILE, unique)
+        rec = write_safetensors(tmp / MODEL_FILE, unique, after_tensor)
         files[MODEL_FILE] = {"bytes": rec.bytes, "sha256": rec.sha256}
         if optimizer_state is not None:
-            rec = write_safetensors(tmp / OPTIM_TENSORS_FILE, list(opt_tensors.items()))
+            rec = write_safetensors(tmp / OPTIM_TENSORS_FILE, list(opt_tensors.items()), after_tensor)
             files[OPTIM_TENSORS_FILE] = {"bytes": rec.bytes, "sha256": rec.sha256}
             rec = write_json(tmp / OPTIM_JSON_FILE, {"format_version": FORMAT_VERSION, "state_dict": opt_json})
             files[OPTIM_JSON_FILE] = {"bytes": rec.bytes, "sha256": rec.sha256}

@@ -8,6 +8,7 @@ import json
 import os
 import struct
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,7 +56,8 @@ def tensor_nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def write_safetensors(path: Path, tensors: list[tuple[str, torch.Tensor]]) -> FileRecord:
+def write_safetensors(path: Path, tensors: list[tuple[str, torch.Tensor]],
+                      after_tensor: Callable[[torch.Tensor], None] | None = None) -> FileRecord:
     """Write ``tensors`` in the safetensors layout (8-byte little-endian header length, JSON
     header, raw little-endian data) one tensor at a time, hashing as we go, then fsync.
 
@@ -91,6 +93,8 @@ def write_safetensors(path: Path, tensors: list[tuple[str, torch.Tensor]]) -> Fi
                 h.update(chunk)
                 f.write(chunk)
             size += len(view)
+            if after_tensor is not None:  # the caller may now change (or release) this tensor
+                after_tensor(t)
         f.flush()
         os.fsync(f.fileno())
     return FileRecord(size, h.hexdigest())

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -170,6 +171,12 @@ class Engine:
             if self.vram_budget_b:
                 out["vram_budget_b"] = self.vram_budget_b
         return out
+
+    def set_update_gate(self, gate: Callable[[list[torch.Tensor]], None]) -> bool:
+        """Let ``gate(tensors)`` hold back the optimizer's update of ``tensors`` (a background
+        checkpoint still writing them). False: this engine updates synchronously, so a checkpoint
+        must be written before training goes on."""
+        return False
 
     # -- state for checkpoints -------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -231,7 +231,9 @@ class DeviceGradPath(_GradPathBase):
         if self._error is not None:
             raise RuntimeError("gradient accumulation failed") from self._error
         t0 = time.perf_counter()
-        self._slots.acquire()
+        while not self._slots.acquire(timeout=1.0):
+            if self._error is not None:
+                raise RuntimeError("gradient accumulation failed") from self._error
         self.wait_s += time.perf_counter() - t0
         ready = torch.cuda.Event()
         ready.record(torch.cuda.current_stream(torch.device(self.device)))
@@ -239,18 +241,27 @@ class DeviceGradPath(_GradPathBase):
         self._q.put((idx, {k: g.detach() for k, g in named_grads.items()}, ready, self.last_pass))
 
     def _work(self) -> None:
-        torch.cuda.set_device(torch.device(self.device))
+        """Issue each chunk's sums; release a slot once the chunk queued behind it is issued and
+        its own copies are done. Never dies: after an error it keeps taking jobs (releasing their
+        slots), so neither the compute thread nor :meth:`drain` can hang; the error is raised there."""
         pending: list[torch.cuda.Event] = []
+        try:
+            torch.cuda.set_device(torch.device(self.device))
+        except BaseException as e:  # noqa: BLE001 - surfaced on the compute thread
+            self._error = e
         while True:
             job = self._q.get()
             try:
                 if job is None:
                     return
-                if job == "drain":
+                if job == "drain" or self._error is not None:
                     for ev in pending:
-                        ev.synchronize()
+                        if self._error is None:
+                            ev.synchronize()
                         self._slots.release()
                     pending.clear()
+                    if job != "drain":
+                        self._slots.release()  # this job's own slot: nothing was issued
                     continue
                 pending.append(self._issue(*job))
                 while len(pending) > 1:  # keep one chunk queued behind the one in flight
@@ -258,7 +269,11 @@ class DeviceGradPath(_GradPathBase):
                     self._slots.release()
             except BaseException as e:  # noqa: BLE001 - surfaced on the compute thread
                 self._error = e
-                self._slots.release()
+                for _ in pending:
+                    self._slots.release()
+                pending.clear()
+                if job not in (None, "drain"):
+                    self._slots.release()
             finally:
                 self._q.task_done()
 

@@ -110,6 +110,9 @@ class StreamedEngine(Engine):
 
     def __init__(self, model: GPT, *, device: str, precision: str, optim_cfg, seqs_per_pass: int,
                  window: int = 3, pin: int = 0, vram_budget_b: int | None = None, grad_accum: str = "host"):
+        if device.startswith("cuda") and torch.device(device).index is None:
+            # worker threads must name the device: the current one is per thread
+            device = f"cuda:{torch.cuda.current_device()}"
         super().__init__(model, device=device, precision=precision, optim_cfg=optim_cfg, vram_budget_b=vram_budget_b)
         if grad_accum not in ("auto", "host", "device"):
             raise ValueError(f"grad_accum must be 'auto', 'host' or 'device', got {grad_accum!r}")
@@ -157,6 +160,7 @@ class StreamedEngine(Engine):
             self.grads = HostGradPath(self.params, self._master_of, device, self.d2h, slot, max(2, min(4, len(copies))))
         self.adamw = ChunkedAdamW(self.optimizer, self._owned)
         self._norm_from_path = False
+        self._update_gate = None
         self._opt_wait_s = 0.0  # compute-thread waits for chunks the optimizer had not updated yet
         self._load_wait_s = 0.0
         del copies
@@ -232,10 +236,24 @@ class StreamedEngine(Engine):
             self.grads.zero_untouched()
             clip = self.cfg.grad_clip
             coef = min(1.0, clip / (norm + 1e-6)) if clip > 0 else 1.0
-            self.adamw.start(lr, 1.0 / (factor * coef), after_chunk=self._refresh_chunk)
+            self.adamw.start(lr, 1.0 / (factor * coef), after_chunk=self._refresh_chunk, before_chunk=self._gate_chunk)
         self.scaler.update(finite)
         self.grads.zero()
         return StepReport(norm, not finite, previous_work + (time.perf_counter() - t0), self.scaler.scale)
+
+    def set_update_gate(self, gate) -> bool:
+        self._update_gate = gate
+        return True
+
+    def _gate_chunk(self, idx: int) -> None:
+        """Before chunk ``idx`` is updated: a background checkpoint must have written its masters
+        and moments."""
+        if self._update_gate is None:
+            return
+        tensors = list(self._owned[idx])
+        for p in self._owned[idx]:
+            tensors.extend(v for v in self.optimizer.state.get(p, {}).values() if isinstance(v, torch.Tensor))
+        self._update_gate(tensors)
 
     @torch.no_grad()
     def _refresh_chunk(self, idx: int) -> None:

@@ -80,14 +80,15 @@ def run_steps(run: Run) -> bool:
                 out.event("eval", f"step {step}: eval loss {eval_loss:.4f}")  # after the row: tagged with its step
             run.checkpointer.maybe_save(state, run.snapshot)
         if run.profile.checkpoint.save_final:
-            run.checkpointer.save(state, run.snapshot, "final")
+            run.checkpointer.save(state, run.snapshot, "final", wait=True)
         return False
     except KeyboardInterrupt:
         out.event("warning", f"interrupted at step {state.step}")
         if run.profile.checkpoint.save_on_interrupt and state.step > 0:
             with _sigint_ignored():  # a second Ctrl-C must not abort the save it is waiting for
                 out.event("info", "saving a checkpoint before stopping (Ctrl-C is ignored until it is written)")
-                run.checkpointer.save(state, run.snapshot, "interrupt")
+                run.checkpointer.finish()  # a background save in progress completes first
+                run.checkpointer.save(state, run.snapshot, "interrupt", wait=True)
         out.progress(state.step, tokens_seen=state.tokens_seen, phase=None)
         return True
 

@@ -106,6 +106,21 @@ class RunDir:
             os.close(self._lock_fd)  # closing the descriptor releases the flock
             self._lock_fd = None
 
+    # -- space -------------------------------------------------------------------------------
+    def check_free_space(self, per_checkpoint_b: int, keep: int, existing_b: int) -> None:
+        """Refuse a run whose disk cannot hold ``keep`` + 1 checkpoints (a new one is written before
+        rotation removes the oldest); the checkpoints already here count as space of the run."""
+        import shutil
+
+        free = shutil.disk_usage(self.path).free
+        need = per_checkpoint_b * (keep + 1) - existing_b
+        if free < need:
+            raise RunDirError(
+                f"not enough free disk for checkpoints: {self.path} has {free / 1e9:.1f} GB free, {keep} + 1 "
+                f"checkpoints of {per_checkpoint_b / 1e9:.1f} GB need {need / 1e9:.1f} GB more; free space, lower "
+                "checkpoint.keep_last_n, choose another --out-dir, or pass --force"
+            )
+
     # -- files -------------------------------------------------------------------------------
     def write_text(self, name: str, text: str) -> None:
         """Write ``name`` atomically (temp name, fsync, rename) with one-line errors."""

@@ -160,6 +160,12 @@ def setup_run(profile: Profile, *, resume: str | None, sinks: list | None, on_sa
             if done:
                 raise ConfigError(f"{run_dir.path} already holds checkpoints up to step {max(done)}; "
                                   "continue with --resume latest, or train into a new --out-dir")
+        if profile.checkpoint.require_free_disk:
+            from ramgpt.memory import disk_per_checkpoint
+
+            existing = sum(i.bytes for i in ckpt.list_checkpoints(run_dir.path))
+            run_dir.check_free_space(disk_per_checkpoint(profile).per_checkpoint, profile.checkpoint.keep_last_n,
+                                     existing)
         run_dir.write_config(profile.to_public_dict())
         state = TrainState.from_meta(loaded.meta) if loaded else TrainState()
         schedule = Schedule.from_profile(profile)
@@ -221,7 +227,8 @@ def setup_run(profile: Profile, *, resume: str | None, sinks: list | None, on_sa
     checkpointer = Checkpointer(
         run_dir.path, profile.checkpoint, engine, tokenizer,
         SaveContext(profile.to_public_dict(), engine.name, placement.precision, schedule.to_dict()),
-        event=out.event, on_saved=on_saved, last_saved_step=state.step if loaded else -1,
+        event=out.event, status=lambda text: out.progress(state.step, saving=text), on_saved=on_saved,
+        last_saved_step=state.step if loaded else -1,
     )
     evaluator = Evaluator(engine, eval_set, profile.logging.eval_interval, profile.optim.max_steps)
     return Run(profile, placement, run_dir, out, engine, data, evaluator, checkpointer, metrics, state, schedule,
