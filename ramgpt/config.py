@@ -204,6 +204,15 @@ class RuntimeConfig(_Section):
         "estimate-memory counts ~0.23 GiB more VRAM); host: a CPU worker adds them (least VRAM); auto: device on CUDA, "
         "host otherwise.",
     )
+    optimizer_on_disk: bool = Field(
+        False,
+        description="Low-RAM mode (streamed engine): keep AdamW's two moments (8 bytes per parameter, 8.2 GiB for the "
+        "1b) in a memory-mapped file, paged in chunk by chunk for each update, instead of RAM. Lossless; costs disk "
+        "traffic of 16 bytes per parameter per step (docs/design.md).",
+    )
+    optimizer_dir: str | None = Field(
+        None, description="Where the low-RAM mode's moments file goes (default: the run directory); use a fast local disk."
+    )
     seed: int = Field(1337, description="Seed for weights init and everything random in training.")
     threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: torch's choice).")
 
@@ -236,6 +245,8 @@ class Profile(_Section):
                 f"data.tokenizer_vocab_size ({self.data.tokenizer_vocab_size}) is larger than model.vocab_size "
                 f"({self.model.vocab_size})"
             )
+        if self.runtime.optimizer_on_disk and self.runtime.engine == "resident":
+            raise ValueError("runtime.optimizer_on_disk needs the streamed engine (runtime.engine=streamed or auto)")
         if self.checkpoint.save_interval_steps is None and self.checkpoint.save_interval_minutes is None:
             raise ValueError(
                 "checkpoint.save_interval_steps and checkpoint.save_interval_minutes are both null: set at least one"

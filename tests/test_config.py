@@ -104,10 +104,18 @@ def test_rtx3050_extends_1b_with_a_budget_and_the_streamed_engine():
     assert p.description != base.description
     assert p.runtime.engine == "streamed"
     assert p.runtime.vram_budget_gib is not None and 0 < p.runtime.vram_budget_gib < 6
-    # everything else is the 1b recipe
-    for section in ("model", "data", "optim", "scheduler", "checkpoint", "logging"):
+    # everything else is the 1b recipe, but saves go by the clock (a step is minutes on such a card)
+    for section in ("model", "data", "optim", "scheduler", "logging"):
         assert getattr(p, section) == getattr(base, section), section
+    assert p.checkpoint.save_interval_minutes == 30 and p.checkpoint.save_interval_steps is None
+    assert p.checkpoint.model_copy(update={"save_interval_minutes": None, "save_interval_steps": 250}) == base.checkpoint
     assert base.runtime.engine == "auto" and base.runtime.vram_budget_gib is None
+
+
+def test_the_16gb_desktop_profile_keeps_the_optimizer_on_disk():
+    p = load_profile("desktop-16gb", use_env=False)
+    assert p.runtime.optimizer_on_disk and p.runtime.engine == "streamed"
+    assert p.model == load_profile("1b", use_env=False).model
 
 
 def test_micro_test_profile_needs_no_network_or_gpu():

@@ -167,3 +167,34 @@ def test_fp16_scaler_skips_overflow_and_lowers_the_scale() -> None:
         rep = eng.optimizer_step(1e-2, n_tokens=16)
         assert not rep.skipped and rep.loss_scale == expected
     assert any(not torch.equal(p, before[n]) for n, p in eng.model.named_parameters())
+
+
+def test_low_ram_mode_is_lossless_and_keeps_no_moments_in_ram(tmp_path) -> None:
+    """AdamW's moments in a memory-mapped file (runtime.optimizer_on_disk) give bit-identical
+    steps, and after each update the moments' pages are handed back to the OS."""
+    cfg = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64)
+    optim = OptimConfig(lr=3e-3, eps=1e-6, grad_clip=1.0, micro_batch_size=2, grad_accum_steps=2)
+    torch.manual_seed(int(torch.randint(0, 10_000, ()).item()))
+    base = GPT(cfg)
+    ram = StreamedEngine(copy.deepcopy(base), device="cpu", precision="fp32", optim_cfg=optim, seqs_per_pass=2)
+    disk = StreamedEngine(copy.deepcopy(base), device="cpu", precision="fp32", optim_cfg=optim, seqs_per_pass=2,
+                          moments_file=tmp_path / "m.bin")
+    try:
+        gen = torch.Generator().manual_seed(int(torch.randint(0, 10_000, ()).item()))
+        for _ in range(4):
+            x = torch.randint(0, 64, (4, 16), generator=gen)
+            a, b = ram.train_step(x, x, 2e-3), disk.train_step(x, x, 2e-3)
+            assert a.loss_sum == b.loss_sum and a.grad_norm == b.grad_norm
+        ram.wait_optimizer()
+        disk.wait_optimizer()
+        for (n, p), q in zip(ram.model.named_parameters(), disk.model.parameters()):
+            assert torch.equal(p, q), n
+        for p, q in zip(ram.params, disk.params):
+            for k in ("exp_avg", "exp_avg_sq"):
+                assert torch.equal(ram.optimizer.state[p][k], disk.optimizer.state[q][k])
+                assert disk.moments.contains(disk.optimizer.state[q][k]), "the moments live in the file"
+        assert (tmp_path / "m.bin").stat().st_size >= sum(p.numel() * 8 for p in disk.params)
+    finally:
+        ram.close()
+        disk.close()
+    assert not (tmp_path / "m.bin").exists(), "the scratch file goes with the engine"

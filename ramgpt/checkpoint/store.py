@@ -50,6 +50,7 @@ from ramgpt.checkpoint.layout import (
 from ramgpt.checkpoint.tensorfile import (
     decode_state,
     flatten_optimizer_state,
+    lazy_safetensors,
     read_safetensors,
     tensor_nbytes,
     write_json,
@@ -429,7 +430,7 @@ def resolve_checkpoint(path_or_run_dir: str | os.PathLike[str], *, verify: bool 
 
 
 def _load_verified(
-    ckpt: Path, *, map_location: str | torch.device, with_optimizer: bool, verify: bool
+    ckpt: Path, *, map_location: str | torch.device, with_optimizer: bool, verify: bool, lazy: bool = False
 ) -> LoadedCheckpoint:
     m = STEP_DIR_RE.match(ckpt.name)
     meta, reason = check_complete(ckpt, int(m.group(1)) if m else None)
@@ -443,7 +444,10 @@ def _load_verified(
         if bad:
             raise _BadCheckpoint(f"checkpoint {ckpt} is corrupt: {bad}", bad)
 
-    model_state = read_safetensors(ckpt / MODEL_FILE, map_location, MODEL_FILE)
+    if lazy:
+        model_state: dict[str, Any] = lazy_safetensors(ckpt / MODEL_FILE, MODEL_FILE)
+    else:
+        model_state = read_safetensors(ckpt / MODEL_FILE, map_location, MODEL_FILE)
     tied = meta.get("tied") or {}
     for alias, target in tied.items():
         if target not in model_state:
@@ -452,7 +456,10 @@ def _load_verified(
 
     optimizer_state = None
     if with_optimizer and has_opt:
-        tensors = read_safetensors(ckpt / OPTIM_TENSORS_FILE, map_location, OPTIM_TENSORS_FILE)
+        if lazy:
+            tensors: dict[str, Any] = lazy_safetensors(ckpt / OPTIM_TENSORS_FILE, OPTIM_TENSORS_FILE)
+        else:
+            tensors = read_safetensors(ckpt / OPTIM_TENSORS_FILE, map_location, OPTIM_TENSORS_FILE)
         try:
             doc = json.loads((ckpt / OPTIM_JSON_FILE).read_text(encoding="utf-8"))
             optimizer_state = decode_state(doc["state_dict"], tensors)
@@ -467,8 +474,12 @@ def load_checkpoint(
     map_location: str | torch.device = "cpu",
     with_optimizer: bool = True,
     verify: bool = True,
+    lazy: bool = False,
 ) -> LoadedCheckpoint:
     """Load a checkpoint (or a run directory's newest complete one). Never unpickles.
+
+    ``lazy``: tensors come as :class:`~ramgpt.checkpoint.tensorfile.LazyTensor` handles, read one
+    at a time by whoever copies them into place (a resume), instead of all at once.
 
     ``verify`` checks the sha256 of every file that is read. Given a run directory, a newest
     checkpoint that fails verification is skipped with a warning and the next older complete one
@@ -479,13 +490,13 @@ def load_checkpoint(
         for info in _complete_newest_first(p):
             try:
                 return _load_verified(
-                    info.path, map_location=map_location, with_optimizer=with_optimizer, verify=verify
+                    info.path, map_location=map_location, with_optimizer=with_optimizer, verify=verify, lazy=lazy
                 )
             except _BadCheckpoint as e:
                 _warn_skipped(info.path, e.reason)
         raise CheckpointError(f"no complete checkpoint in {p}")
     ckpt = resolve_checkpoint(p)
-    return _load_verified(ckpt, map_location=map_location, with_optimizer=with_optimizer, verify=verify)
+    return _load_verified(ckpt, map_location=map_location, with_optimizer=with_optimizer, verify=verify, lazy=lazy)
 
 
 

@@ -14,6 +14,8 @@ generation. Engines take resolved values (a :class:`~ramgpt.placement.Placement`
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 from ramgpt.engine.base import Engine, StepReport, apply_vram_budget
@@ -24,19 +26,27 @@ from ramgpt.model import GPT
 from ramgpt.placement import Placement
 
 
-def build_engine(model: GPT, placement: Placement, optim: Any, runtime: Any) -> Engine:
+def build_engine(model: GPT, placement: Placement, optim: Any, runtime: Any, scratch_dir: Path | None = None) -> Engine:
     """The engine ``placement`` names, with the VRAM budget applied to the allocator first.
-    ``optim`` is the profile's OptimConfig; ``runtime`` its RuntimeConfig (window, pin, checkpointing)."""
+    ``optim`` is the profile's OptimConfig; ``runtime`` its RuntimeConfig (window, pin, checkpointing,
+    the low-RAM mode, whose moments file goes to ``runtime.optimizer_dir`` or ``scratch_dir``)."""
     apply_vram_budget(placement.device, placement.vram_budget_b)
     if placement.engine == "streamed":
         return StreamedEngine(model, device=placement.device, precision=placement.precision, optim_cfg=optim,
                               seqs_per_pass=placement.seqs_per_pass, window=runtime.stream_window,
                               pin=runtime.stream_pin, vram_budget_b=placement.vram_budget_b,
-                              grad_accum=placement.grad_accum)
+                              grad_accum=placement.grad_accum, moments_file=_moments_file(runtime, scratch_dir))
     return ResidentEngine(model, device=placement.device, precision=placement.precision, optim_cfg=optim,
                           micro_batch_size=placement.seqs_per_pass,
                           gradient_checkpointing=runtime.gradient_checkpointing and placement.device != "cpu",
                           vram_budget_b=placement.vram_budget_b)
+
+
+def _moments_file(runtime: Any, scratch_dir: Path | None) -> Path | None:
+    if not runtime.optimizer_on_disk:
+        return None
+    where = Path(runtime.optimizer_dir) if runtime.optimizer_dir else (scratch_dir or Path("."))
+    return where / f".adam-moments-{os.getpid()}.bin"
 
 
 __all__ = ["Engine", "ResidentEngine", "StepReport", "StreamedEngine", "StreamedInferenceModel", "apply_vram_budget",

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ramgpt.checkpoint.tensorfile import materialize
 from ramgpt.model import GPT, tied_aliases
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -191,20 +192,66 @@ class Engine:
     def scaler_state(self) -> dict[str, Any]:
         return self.scaler.state_dict()
 
-    def load_state(self, model_state: dict[str, torch.Tensor], optimizer_state: dict[str, Any] | None,
+    def load_state(self, model_state: dict[str, Any], optimizer_state: dict[str, Any] | None,
                    scaler_state: dict[str, Any] | None) -> None:
-        """Restore a checkpoint: masters (tied aliases may be absent), optimizer and loss scale.
-        Raises KeyError/ValueError/RuntimeError when the tensors do not fit this model."""
+        """Restore a checkpoint in place: each saved tensor (or lazy handle) is copied into the
+        tensor training already holds, one at a time, so a resume needs no more RAM than training.
+        Tied aliases may be absent. Raises KeyError/ValueError when the tensors do not fit."""
+        aliases = tied_aliases(self.model.cfg)
+        targets = {k: v for k, v in self.model.state_dict(keep_vars=True).items() if k not in aliases}
+        missing = sorted(set(targets) - set(model_state))
+        unexpected = sorted(set(model_state) - set(targets) - set(aliases))
+        if missing or unexpected:
+            raise KeyError(f"checkpoint does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
         with torch.no_grad():
-            missing, unexpected = self.model.load_state_dict(model_state, strict=False)
-            missing = [m for m in missing if m not in tied_aliases(self.model.cfg)]
-            if missing or unexpected:
-                raise KeyError(f"checkpoint does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+            for name, target in targets.items():
+                src = materialize(model_state[name])
+                if src.shape != target.shape:
+                    raise ValueError(f"{name} has shape {tuple(src.shape)} in the checkpoint, {tuple(target.shape)} here")
+                target.copy_(src)
+                del src
         if optimizer_state is not None:
-            self.optimizer.load_state_dict(optimizer_state)
+            self._load_optimizer_in_place(optimizer_state)
         if scaler_state:
             self.scaler.load_state_dict(scaler_state)
         self._after_optimizer()
+
+    def _state_for(self, p: nn.Parameter) -> dict[str, torch.Tensor]:
+        """The AdamW state of ``p``, created as torch's fused AdamW would (zeros) when absent."""
+        st = self.optimizer.state[p]
+        if not st:
+            st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return st
+
+    @torch.no_grad()
+    def _load_optimizer_in_place(self, sd: dict[str, Any]) -> None:
+        """``optimizer.load_state_dict`` without a second copy: saved groups must match ours
+        (same order and sizes); their hyper-parameters are taken, their tensors copied into place."""
+        groups, saved = self.optimizer.param_groups, sd["param_groups"]
+        if len(groups) != len(saved) or any(len(g["params"]) != len(s["params"]) for g, s in zip(groups, saved)):
+            raise ValueError("the optimizer state has other parameter groups than this model")
+        index: dict[int, nn.Parameter] = {}
+        for g, s in zip(groups, saved):
+            index.update(zip((int(i) for i in s["params"]), g["params"]))
+            g.update({k: v for k, v in s.items() if k != "params"})
+        for i, st in sd["state"].items():
+            p = index[int(i)]
+            target = self._state_for(p)
+            for k, v in st.items():
+                src = materialize(v)
+                if k not in target or src.shape != target[k].shape:
+                    raise ValueError(f"optimizer state {k} of parameter {i} does not fit this model")
+                target[k].copy_(src)
+                del src
+            self._state_loaded(p)
+
+    def tensor_saved(self, t: torch.Tensor) -> None:
+        """A checkpoint has written ``t`` (the low-RAM mode hands its pages back)."""
+
+    def _state_loaded(self, p: nn.Parameter) -> None:
+        """Called after ``p``'s optimizer state was restored (the low-RAM mode releases its pages)."""
 
     @property
     def seqs_per_pass(self) -> int:

@@ -29,11 +29,17 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn as nn
 
+from ramgpt.engine.hostmem import FileArena
+
 
 class ChunkedAdamW:
-    def __init__(self, optimizer: torch.optim.AdamW, chunks: Sequence[Sequence[nn.Parameter]]):
-        """``chunks[i]``: the parameters chunk ``i`` owns (each parameter in exactly one chunk)."""
+    def __init__(self, optimizer: torch.optim.AdamW, chunks: Sequence[Sequence[nn.Parameter]],
+                 moments: FileArena | None = None):
+        """``chunks[i]``: the parameters chunk ``i`` owns (each parameter in exactly one chunk).
+        ``moments``: keep the AdamW moments in this memory-mapped file (the low-RAM mode): each
+        chunk's are paged in ahead of its update and handed back to the OS right after."""
         self.opt = optimizer
+        self.moments = moments
         self.chunks = [list(c) for c in chunks]
         self.group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
         owned = [id(p) for c in self.chunks for p in c]
@@ -50,15 +56,39 @@ class ChunkedAdamW:
     # -- state -----------------------------------------------------------------------------------
     def _ensure_state(self, p: nn.Parameter) -> dict:
         st = self.opt.state[p]
-        if not st:  # what torch.optim.Adam initialises for fused=True
+        if not st:  # what torch.optim.Adam initialises for fused=True (a fresh moments file reads zeros)
             st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-            st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if self.moments is not None:
+                st["exp_avg"] = self.moments.take(p.shape, p.dtype)
+                st["exp_avg_sq"] = self.moments.take(p.shape, p.dtype)
+            else:
+                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return st
+
+    def release(self, params: Sequence[nn.Parameter]) -> None:
+        """Hand ``params``' moments back to the OS (low-RAM mode; a no-op otherwise)."""
+        if self.moments is None:
+            return
+        for p in params:
+            for k in ("exp_avg", "exp_avg_sq"):
+                t = self.opt.state.get(p, {}).get(k)
+                if t is not None:
+                    self.moments.release(t)
+
+    def _prefetch(self, i: int) -> None:
+        if self.moments is None or i >= len(self.chunks):
+            return
+        for p in self.chunks[i]:
+            st = self.opt.state.get(p, {})
+            for k in ("exp_avg", "exp_avg_sq"):
+                if k in st:
+                    self.moments.prefetch(st[k])
 
     @torch.no_grad()
     def step_chunk(self, i: int, lr: float, grad_scale: torch.Tensor, found_inf: torch.Tensor) -> None:
         """``torch._fused_adamw_`` on chunk ``i``'s parameters, per weight-decay group."""
+        self._prefetch(i + 1)  # the OS reads the next chunk's moments while this one updates
         by_group: dict[int, list[nn.Parameter]] = {}
         for p in self.chunks[i]:
             if p.grad is not None:
@@ -75,6 +105,7 @@ class ChunkedAdamW:
                 eps=g["eps"], maximize=False, grad_scale=grad_scale, found_inf=found_inf,
             )
             g["lr"] = lr
+        self.release(self.chunks[i])
 
     # -- the background job ----------------------------------------------------------------------
     def start(self, lr: float, grad_scale: float, after_chunk: Callable[[int], None],

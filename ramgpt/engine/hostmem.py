@@ -9,7 +9,9 @@ the views as pinned (``is_pinned()``), so nothing pins them again.
 
 from __future__ import annotations
 
+import os
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -81,3 +83,60 @@ class HostArena:
             torch.cuda.synchronize(torch.device(self.device))
             unregister(self.buf)
             self.registered = False
+
+
+class FileArena:
+    """Tensors in a memory-mapped file (the low-RAM mode's AdamW moments): the OS pages them in
+    when they are touched, :meth:`release` hands a tensor's pages back (``MADV_DONTNEED``: they stay
+    in the page cache, or go to disk, and leave this process's RSS), :meth:`prefetch` asks for them
+    ahead (``MADV_WILLNEED``). The file is created sparse (all zeros), so fresh moments cost nothing."""
+
+    def __init__(self, path: str | os.PathLike[str], nbytes: int):
+        import mmap
+
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.nbytes = max(aligned(nbytes, mmap.PAGESIZE), mmap.PAGESIZE)
+        with open(self.path, "w+b") as f:  # a fresh file: the moments start at zero
+            f.truncate(self.nbytes)
+            self.mm = mmap.mmap(f.fileno(), self.nbytes, flags=mmap.MAP_SHARED,
+                                prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        self.buf = torch.frombuffer(self.mm, dtype=torch.uint8)
+        self.off = 0
+        self._page = mmap.PAGESIZE
+
+    def take(self, shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        n = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
+        if self.off + n > self.nbytes:
+            raise ValueError(f"file arena {self.path} is full")
+        view = self.buf[self.off : self.off + n].view(dtype).view(shape)
+        self.off += aligned(n, self._page)  # page-aligned: release() never drops a neighbour's page
+        return view
+
+    def contains(self, t: torch.Tensor) -> bool:
+        start = self.buf.data_ptr()
+        return start <= t.data_ptr() < start + self.nbytes
+
+    def _range(self, t: torch.Tensor) -> tuple[int, int]:
+        start = t.data_ptr() - self.buf.data_ptr()
+        length = aligned(t.numel() * t.element_size(), self._page)
+        return start - start % self._page, length
+
+    def release(self, t: torch.Tensor) -> None:
+        import mmap
+
+        if self.contains(t):
+            self.mm.madvise(mmap.MADV_DONTNEED, *self._range(t))
+
+    def prefetch(self, t: torch.Tensor) -> None:
+        import mmap
+
+        if self.contains(t):
+            self.mm.madvise(mmap.MADV_WILLNEED, *self._range(t))
+
+    def close(self) -> None:
+        del self.buf
+        try:
+            self.mm.close()
+        except BufferError:  # a tensor view still references the mapping; the OS unmaps at exit
+            pass

@@ -23,6 +23,7 @@ import copy
 import math
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,7 +32,7 @@ import torch.nn as nn
 from ramgpt.engine.base import Engine, StepReport, make_optimizer, release_freed_heap
 from ramgpt.engine.chunked_adamw import ChunkedAdamW
 from ramgpt.engine.gradpath import DeviceGradPath, HostGradPath
-from ramgpt.engine.hostmem import HostArena, aligned
+from ramgpt.engine.hostmem import FileArena, HostArena, aligned
 from ramgpt.engine.offload import offload_model_class
 from ramgpt.model import GPT
 from ramgpt.placement import resolve_grad_accum
@@ -109,7 +110,10 @@ class StreamedEngine(Engine):
     name = "streamed"
 
     def __init__(self, model: GPT, *, device: str, precision: str, optim_cfg, seqs_per_pass: int,
-                 window: int = 3, pin: int = 0, vram_budget_b: int | None = None, grad_accum: str = "host"):
+                 window: int = 3, pin: int = 0, vram_budget_b: int | None = None, grad_accum: str = "host",
+                 moments_file: Path | None = None):
+        """``moments_file``: the low-RAM mode (``runtime.optimizer_on_disk``): AdamW's moments live in
+        this memory-mapped file (removed on close) instead of RAM."""
         if device.startswith("cuda") and torch.device(device).index is None:
             # worker threads must name the device: the current one is per thread
             device = f"cuda:{torch.cuda.current_device()}"
@@ -158,7 +162,11 @@ class StreamedEngine(Engine):
         if self.grad_accum == "host":
             slot = max(sum(aligned(p.numel() * p.element_size()) for p in c.parameters()) for c in copies)
             self.grads = HostGradPath(self.params, self._master_of, device, self.d2h, slot, max(2, min(4, len(copies))))
-        self.adamw = ChunkedAdamW(self.optimizer, self._owned)
+        self.moments = None
+        if moments_file is not None:
+            per = [aligned(p.numel() * 4, 4096) * 2 for p in self.params]
+            self.moments = FileArena(moments_file, sum(per))
+        self.adamw = ChunkedAdamW(self.optimizer, self._owned, self.moments)
         self._norm_from_path = False
         self._update_gate = None
         self._opt_wait_s = 0.0  # compute-thread waits for chunks the optimizer had not updated yet
@@ -277,6 +285,16 @@ class StreamedEngine(Engine):
         self.wait_optimizer()
         super().load_state(model_state, optimizer_state, scaler_state)
 
+    def _state_for(self, p: nn.Parameter) -> dict[str, torch.Tensor]:
+        return self.adamw._ensure_state(p)
+
+    def _state_loaded(self, p: nn.Parameter) -> None:
+        self.adamw.release([p])
+
+    def tensor_saved(self, t: torch.Tensor) -> None:
+        if self.moments is not None:
+            self.moments.release(t)
+
     @torch.no_grad()
     def _after_optimizer(self) -> None:
         """Refresh every bf16 copy (after a resume); drop stale GPU copies."""
@@ -303,6 +321,8 @@ class StreamedEngine(Engine):
         out["optimizer_exposed_s_total"] = self._opt_wait_s
         out["optimizer_work_s_total"] = self.adamw.work_s_total
         out["pinned_b"] = (self.arena.nbytes if self.arena.registered else 0) + self.grads.pinned_b + self._extra_pinned
+        if self.moments is not None:
+            out["optimizer_file_b"] = self.moments.nbytes
         return out
 
     def close(self) -> None:
@@ -312,3 +332,6 @@ class StreamedEngine(Engine):
             self.grads.close()
             self.om.close()
             self.arena.close()
+            if self.moments is not None:  # scratch: the state that matters is in the checkpoints
+                self.moments.close()
+                self.moments.path.unlink(missing_ok=True)

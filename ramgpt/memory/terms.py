@@ -72,8 +72,8 @@ class Assumptions:
     """The streamed engine runs its bf16 chunks under autocast, so LayerNorms save fp32 copies
     of their inputs (6 extra bytes per token per C in a block) and ln_f's output is fp32."""
     pinned_rounding: Literal["pow2", "exact"] = "pow2"
-    """torch's pinned host allocator rounds each allocation up to a power of two; ramtorch pins
-    every parameter tensor separately (a 18 MiB weight takes 32 MiB)."""
+    """torch's pinned host allocator rounds each allocation up to a power of two (the host-path
+    gradient staging slots are such allocations; the bf16 weight copies are one page-locked arena)."""
     pinned_overhead: float = 0.04
     """Extra RSS per pinned byte (driver bookkeeping; measured +4%)."""
     grad_slots: int = 4
@@ -722,16 +722,22 @@ def _cpu_terms(profile: Profile, engine: str, device: str, seqs: int, a: Assumpt
         out.append(Term("Python + torch + CUDA libraries baseline", a.cuda_baseline_bytes))
         out.append(Term("fp32 master weights", 4 * N))
         out.append(Term("fp32 gradient accumulators", 4 * N))
-        out.append(Term("AdamW state (exp_avg + exp_avg_sq, fp32)", 8 * N))
-        pb = _precision_bytes(profile, "cuda")
         chunks = chunk_sizes(cfg)
-        pinned = sum(pinned_bytes(t * pb, a) for c in chunks for t in c.tensors)
+        if profile.runtime.optimizer_on_disk:
+            # low-RAM mode: the moments are a memory-mapped file; one chunk's update pages its moments in
+            # (and the next chunk's are read ahead) before they are handed back to the OS
+            biggest = sorted((c.params for c in chunks), reverse=True)[:2]
+            out.append(Term("AdamW state paged in (2 chunks' exp_avg + exp_avg_sq; the rest on disk)",
+                            8 * sum(biggest), f"{8 * N / GiB:.2f} GiB in the moments file"))
+        else:
+            out.append(Term("AdamW state (exp_avg + exp_avg_sq, fp32)", 8 * N))
+        pb = _precision_bytes(profile, "cuda")
         exact = sum(c.params * pb for c in chunks)
         out.append(
             Term(
                 "pinned bf16 copies of every chunk (wte twice)",
-                int(pinned * (1 + a.pinned_overhead)),
-                f"{exact / GiB:.2f} GiB of tensors; pinned allocations round up to powers of two",
+                int(exact * (1 + a.pinned_overhead)),
+                f"{exact / GiB:.2f} GiB of tensors in one page-locked arena",
             )
         )
         slot = max(sum(-(-t * pb // 64) * 64 for t in c.tensors) for c in chunks)

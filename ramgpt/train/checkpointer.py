@@ -147,7 +147,7 @@ class Checkpointer:
         opt_state = _freeze_scalars(self.engine.optimizer_state())
         step = state.step
         if not self.background or wait:
-            self._write(step, t0, model_state, opt_state, meta, None)
+            self._write(step, t0, model_state, opt_state, meta, self.engine.tensor_saved)
             self.poll()
             return self.last_path if self.last_step == step else None
         with self._cv:
@@ -173,6 +173,7 @@ class Checkpointer:
                 self._cv.notify_all()
 
     def _written(self, t: torch.Tensor) -> None:
+        self.engine.tensor_saved(t)
         with self._cv:
             self._pending.discard(t.data_ptr())
             self._cv.notify_all()

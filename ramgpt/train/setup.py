@@ -123,7 +123,8 @@ def _load_resume(run_dir: Path, resume: str, notices: list[str]) -> ckpt.LoadedC
     # previous one (with a warning); partial leftovers are skipped with a warning
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ckpt.PartialCheckpointWarning)
-        loaded = ckpt.load_checkpoint(run_dir if resume == "latest" else Path(resume), with_optimizer=True)
+        loaded = ckpt.load_checkpoint(run_dir if resume == "latest" else Path(resume), with_optimizer=True,
+                                      lazy=True)  # tensors read one at a time, into place
     notices.extend(str(w.message) for w in caught if issubclass(w.category, ckpt.PartialCheckpointWarning))
     return loaded
 
@@ -196,7 +197,10 @@ def setup_run(profile: Profile, *, resume: str | None, sinks: list | None, on_sa
         phase("building the model")
         model = build_gpt(profile.model, rt.loss_chunk_tokens)
         phase("placing the weights" + (" in pinned CPU RAM" if placement.engine == "streamed" else ""))
-        engine = build_engine(model, placement, profile.optim, rt)
+        if rt.optimizer_on_disk and placement.engine != "streamed":
+            raise ConfigError("runtime.optimizer_on_disk needs the streamed engine, but this machine runs the profile "
+                              f"on the {placement.engine} engine; set runtime.engine=streamed")
+        engine = build_engine(model, placement, profile.optim, rt, scratch_dir=run_dir.path)
         if loaded is not None:
             phase(f"restoring step {loaded.step}")
             _restore(engine, data, loaded, profile)
