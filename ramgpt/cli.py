@@ -141,8 +141,18 @@ def train(
     force: Annotated[
         bool, typer.Option("--force", help="Start even when the disk cannot hold keep_last_n + 1 checkpoints.")
     ] = False,
+    gpus: Annotated[
+        int | None,
+        typer.Option("--gpus", min=1, metavar="N", help="Train on N GPUs of this machine: starts the same command "
+                     "under torchrun, one process per GPU (see docs/design.md, Several GPUs)."),
+    ] = None,
 ) -> None:
     """Train a profile (resident or streamed engine), writing checkpoints and metrics.jsonl."""
+    if gpus is not None and "RANK" not in os.environ:
+        from ramgpt.dist import torchrun_command
+
+        argv = torchrun_command(gpus, sys.argv)
+        os.execv(argv[0], argv)  # torchrun's exit status becomes this command's
     from ramgpt.train import train as run_train
 
     sets = list(set_ or [])
@@ -161,7 +171,8 @@ def train(
 
         hooks.append(HubPushHook(prof.checkpoint))
     result = run_train(prof, resume=resume, on_saved=hooks)
-    err_console.print(result.summary(), highlight=False, soft_wrap=True)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun the other ranks print nothing but errors
+        err_console.print(result.summary(), highlight=False, soft_wrap=True)
     if result.interrupted:
         raise typer.Exit(130)  # the shell convention for Ctrl-C; the checkpoint is already saved
 

@@ -580,3 +580,26 @@ __all__ = [
     "ram",
     "usable_cores",
 ]
+
+
+def private_rss() -> int:
+    """This process's resident memory without the shared-memory pages it maps (``RssAnon +
+    RssFile`` of /proc/self/status): the node's ranks map one copy of the training state, which a
+    plain sum of their RSS would count once per rank. Falls back to the RSS."""
+    try:
+        fields = {}
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(("RssAnon:", "RssFile:")):
+                    name, value = line.split(":", 1)
+                    fields[name] = int(value.split()[0]) * 1024
+        if len(fields) == 2:
+            return sum(fields.values())
+    except OSError:
+        pass
+    try:
+        import psutil
+
+        return int(psutil.Process().memory_info().rss)
+    except Exception:  # noqa: BLE001 - a probe never raises
+        return 0

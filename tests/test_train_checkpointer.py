@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -44,6 +43,9 @@ class _Engine:
 
     def scaler_state(self):
         return {}
+
+    def tensor_saved(self, t):
+        pass
 
 
 def _checkpointer(tmp: Path, engine, clock=time.monotonic, **cfg) -> tuple[Checkpointer, list]:

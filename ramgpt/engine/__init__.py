@@ -26,7 +26,8 @@ from ramgpt.model import GPT
 from ramgpt.placement import Placement
 
 
-def build_engine(model: GPT, placement: Placement, optim: Any, runtime: Any, scratch_dir: Path | None = None) -> Engine:
+def build_engine(model: GPT, placement: Placement, optim: Any, runtime: Any, scratch_dir: Path | None = None,
+                 comm: Any = None) -> Engine:
     """The engine ``placement`` names, with the VRAM budget applied to the allocator first.
     ``optim`` is the profile's OptimConfig; ``runtime`` its RuntimeConfig (window, pin, checkpointing,
     the low-RAM mode, whose moments file goes to ``runtime.optimizer_dir`` or ``scratch_dir``)."""
@@ -35,11 +36,12 @@ def build_engine(model: GPT, placement: Placement, optim: Any, runtime: Any, scr
         return StreamedEngine(model, device=placement.device, precision=placement.precision, optim_cfg=optim,
                               seqs_per_pass=placement.seqs_per_pass, window=runtime.stream_window,
                               pin=runtime.stream_pin, vram_budget_b=placement.vram_budget_b,
-                              grad_accum=placement.grad_accum, moments_file=_moments_file(runtime, scratch_dir))
+                              grad_accum=placement.grad_accum, moments_file=_moments_file(runtime, scratch_dir),
+                              comm=comm)
     return ResidentEngine(model, device=placement.device, precision=placement.precision, optim_cfg=optim,
                           micro_batch_size=placement.seqs_per_pass,
                           gradient_checkpointing=runtime.gradient_checkpointing and placement.device != "cpu",
-                          vram_budget_b=placement.vram_budget_b)
+                          vram_budget_b=placement.vram_budget_b, comm=comm)
 
 
 def _moments_file(runtime: Any, scratch_dir: Path | None) -> Path | None:

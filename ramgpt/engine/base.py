@@ -115,17 +115,18 @@ class Engine:
         return torch.autocast(torch.device(self.device).type, dtype=self.compute_dtype)
 
     # -- what the training loop calls -----------------------------------------------------------
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> StepReport:
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float, n_tokens: int | None = None) -> StepReport:
         """One optimizer step over the sequences ``x`` (N, T) -> ``y``: passes of
         ``seqs_per_pass`` sequences, then the update at ``lr``. The loss is summed on the device
-        and read once per step (no host sync between passes)."""
+        and read once per step (no host sync between passes). ``n_tokens``: the tokens the
+        gradients are averaged over (several GPUs: the whole global batch; default ``y.numel()``)."""
         loss_sum = None
         starts = list(range(0, x.shape[0], self.seqs_per_pass))
         for i in starts:
             part = self.forward_backward(x[i : i + self.seqs_per_pass], y[i : i + self.seqs_per_pass],
                                          last_pass=i == starts[-1])
             loss_sum = part if loss_sum is None else loss_sum + part
-        report = self.optimizer_step(lr, y.numel())
+        report = self.optimizer_step(lr, n_tokens or y.numel())
         report.loss_sum = float(loss_sum) if loss_sum is not None else 0.0
         return report
 
@@ -172,6 +173,9 @@ class Engine:
             if self.vram_budget_b:
                 out["vram_budget_b"] = self.vram_budget_b
         return out
+
+    def wait_optimizer(self) -> None:
+        """Every update started so far is done (engines whose updates run in the background wait here)."""
 
     def set_update_gate(self, gate: Callable[[list[torch.Tensor]], None]) -> bool:
         """Let ``gate(tensors)`` hold back the optimizer's update of ``tensors`` (a background

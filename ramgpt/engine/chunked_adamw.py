@@ -34,12 +34,14 @@ from ramgpt.engine.hostmem import FileArena
 
 class ChunkedAdamW:
     def __init__(self, optimizer: torch.optim.AdamW, chunks: Sequence[Sequence[nn.Parameter]],
-                 moments: FileArena | None = None):
+                 moments: FileArena | None = None, update: Sequence[int] | None = None):
         """``chunks[i]``: the parameters chunk ``i`` owns (each parameter in exactly one chunk).
         ``moments``: keep the AdamW moments in this memory-mapped file (the low-RAM mode): each
         chunk's are paged in ahead of its update and handed back to the OS right after."""
         self.opt = optimizer
         self.moments = moments
+        # the chunks this process updates (several GPUs: the ones it owns; else all)
+        self.update = set(range(len(chunks))) if update is None else set(update)
         self.chunks = [list(c) for c in chunks]
         self.group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
         owned = [id(p) for c in self.chunks for p in c]
@@ -65,6 +67,15 @@ class ChunkedAdamW:
                 st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return st
+
+    def ensure_all_states(self, step_arena: FileArena | None = None) -> None:
+        """Create every parameter's state now, in the optimizer's order (several GPUs: every rank
+        lays out the node-shared moments file the same way; the step counters live there too)."""
+        for g in self.opt.param_groups:
+            for p in g["params"]:
+                st = self._ensure_state(p)
+                if step_arena is not None and not step_arena.contains(st["step"]):
+                    st["step"] = step_arena.take((), torch.float32)  # a fresh file reads 0, as torch starts it
 
     def release(self, params: Sequence[nn.Parameter]) -> None:
         """Hand ``params``' moments back to the OS (low-RAM mode; a no-op otherwise)."""
@@ -123,10 +134,11 @@ class ChunkedAdamW:
             t0 = time.perf_counter()
             try:
                 for i in range(len(self.chunks)):
-                    if before_chunk is not None:
-                        before_chunk(i)
-                    self.step_chunk(i, lr, gs, fi)
-                    after_chunk(i)
+                    if i in self.update:
+                        if before_chunk is not None:
+                            before_chunk(i)
+                        self.step_chunk(i, lr, gs, fi)
+                        after_chunk(i)
                     self.ready[i].set()
             except BaseException as e:  # noqa: BLE001 - re-raised on the training thread
                 self.error = e
@@ -150,6 +162,10 @@ class ChunkedAdamW:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        self._raise()
+
+    def raise_error(self) -> None:
+        """Raise on the caller's thread if the update failed (for waiters that poll)."""
         self._raise()
 
     def _raise(self) -> None:

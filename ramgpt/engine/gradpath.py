@@ -34,7 +34,11 @@ from ramgpt.engine.hostmem import aligned, register, unregister
 
 class _GradPathBase:
     def __init__(self, params: list[nn.Parameter], master_of: list[dict[str, nn.Parameter]], device: str,
-                 d2h_clock: Any):
+                 d2h_clock: Any, comm: Any = None, owner_of: dict[int, int] | None = None):
+        self.comm = comm  # several GPUs (ramgpt.dist.Comm): sums go to each tensor's owner rank
+        self.owner_of = owner_of or {}
+        self.me = comm.ctx.local_rank if comm is not None else 0
+        self.comm_s = 0.0  # time in collectives (NCCL or gloo), for the metrics
         self.params = params
         self.master_of = master_of
         self.device = device
@@ -76,12 +80,23 @@ class _GradPathBase:
             if id(p) not in self.touched and p.grad is not None:
                 p.grad.zero_()
 
+    def _mine(self, p: nn.Parameter) -> bool:
+        return self.owner_of.get(id(p), self.me) == self.me
+
     def _add_on_cpu(self, idx: int, grads: dict[str, torch.Tensor], last_pass: bool) -> None:
-        """Sum into the fp32 masters' grads on the CPU (and the final tensors' squares)."""
+        """Sum into the fp32 masters' grads on the CPU (and the final tensors' squares). With
+        several ranks, each tensor is first summed over the ranks onto its owner (gloo)."""
         masters = self.master_of[idx]
         with torch.no_grad():
             for k, g in grads.items():
                 p = masters[k]
+                if self.comm is not None:
+                    g = g.float().clone()  # the collective sums in place, in fp32
+                    t0 = time.perf_counter()
+                    self.comm.reduce_to(g, self.owner_of[id(p)])
+                    self.comm_s += time.perf_counter() - t0
+                    if not self._mine(p):
+                        continue
                 if p.grad is None:
                     p.grad = torch.empty_like(p)
                 if id(p) not in self.touched:
@@ -185,8 +200,11 @@ class DeviceGradPath(_GradPathBase):
     PIECE = 16 * 2**20  # elements per GPU scratch piece (64 MiB of fp32)
     IN_FLIGHT = 2  # chunks whose bf16 grads may wait for the side stream (bounds their VRAM)
 
-    def __init__(self, params, master_of, device, d2h_clock, chunk_order: Sequence[Sequence[nn.Parameter]]):
-        super().__init__(params, master_of, device, d2h_clock)
+    def __init__(self, params, master_of, device, d2h_clock, chunk_order: Sequence[Sequence[nn.Parameter]],
+                 comm: Any = None, owner_of: dict[int, int] | None = None):
+        """``chunk_order``: the chunks whose accumulators this process keeps (several GPUs: the
+        chunks it owns), each parameter once."""
+        super().__init__(params, master_of, device, d2h_clock, comm, owner_of)
         # the flat buffer in chunk order (each parameter once, where its chunk owns it), so a
         # chunk's accumulators are neighbours in memory
         order = [p for c in chunk_order for p in c]
@@ -203,6 +221,7 @@ class DeviceGradPath(_GradPathBase):
             p.grad = self.flat[off : off + p.numel()].view_as(p)
             off += n
         self.h2d_bytes = 0  # H2D bytes of the running sums (counted, not timed: they overlap weight loads)
+        self.nccl = type(d2h_clock)(self.cuda)  # time the collectives take on the side stream
         if self.cuda and self.registered:
             dev = torch.device(device)
             self._stream = torch.cuda.Stream(dev)
@@ -290,22 +309,33 @@ class DeviceGradPath(_GradPathBase):
             s.wait_event(ready)
             for k, g in grads.items():
                 p = masters[k]
+                mine = self._mine(p)
                 first = id(p) not in self.touched
-                self.touched.add(id(p))
+                if mine:
+                    self.touched.add(id(p))
                 final = last_pass and id(p) in self.final_at[idx]
-                gf, hf = g.reshape(-1), p.grad.view(-1)
+                gf = g.reshape(-1)
+                hf = p.grad.view(-1) if mine else None
                 # in pieces, so the fp32 scratch on the GPU stays small (the tied embedding alone is
                 # 0.3 GB in fp32); allocations on the side stream are reused stream-ordered
                 for a in range(0, gf.numel(), piece):
                     b = min(a + piece, gf.numel())
                     nb = (b - a) * 4
+                    part = gf[a:b]
+                    if self.comm is not None:  # sum this piece over the ranks, onto its owner
+                        part = part.float()
+                        with self.nccl.span(s, nb):
+                            self.comm.reduce_to(part, self.owner_of[id(p)])
+                        if not mine:
+                            continue
+                    assert hf is not None
                     if first:
-                        buf = gf[a:b].float()
+                        buf = part.float()
                     else:
                         buf = torch.empty(b - a, dtype=torch.float32, device=dev)
                         buf.copy_(hf[a:b], non_blocking=True)
                         self.h2d_bytes += nb
-                        buf.add_(gf[a:b])
+                        buf.add_(part)
                     if final:
                         self._sq_dev += torch.linalg.vector_norm(buf, dtype=torch.float64) ** 2
                     with self.d2h.span(s, nb):

@@ -91,14 +91,17 @@ class FileArena:
     in the page cache, or go to disk, and leave this process's RSS), :meth:`prefetch` asks for them
     ahead (``MADV_WILLNEED``). The file is created sparse (all zeros), so fresh moments cost nothing."""
 
-    def __init__(self, path: str | os.PathLike[str], nbytes: int):
+    def __init__(self, path: str | os.PathLike[str], nbytes: int, create: bool = True):
+        """``create``: a fresh (zero) file; else map the one another process of the node created."""
         import mmap
 
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.nbytes = max(aligned(nbytes, mmap.PAGESIZE), mmap.PAGESIZE)
-        with open(self.path, "w+b") as f:  # a fresh file: the moments start at zero
-            f.truncate(self.nbytes)
+        if create:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "w+b" if create else "r+b") as f:
+            if create:
+                f.truncate(self.nbytes)
             self.mm = mmap.mmap(f.fileno(), self.nbytes, flags=mmap.MAP_SHARED,
                                 prot=mmap.PROT_READ | mmap.PROT_WRITE)
         self.buf = torch.frombuffer(self.mm, dtype=torch.uint8)
@@ -134,7 +137,18 @@ class FileArena:
         if self.contains(t):
             self.mm.madvise(mmap.MADV_WILLNEED, *self._range(t))
 
+    def register(self, device: str) -> bool:
+        """Page-lock the mapping for DMA (the node-shared bf16 copies): each process registers its own
+        mapping of the same pages."""
+        self.registered = device.startswith("cuda") and register(self.buf, device)
+        self.device = device
+        return self.registered
+
     def close(self) -> None:
+        if getattr(self, "registered", False):
+            torch.cuda.synchronize(torch.device(self.device))
+            unregister(self.buf)
+            self.registered = False
         del self.buf
         try:
             self.mm.close()

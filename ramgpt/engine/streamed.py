@@ -29,10 +29,12 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ramgpt.dist import Comm, chunk_owners
 from ramgpt.engine.base import Engine, StepReport, make_optimizer, release_freed_heap
 from ramgpt.engine.chunked_adamw import ChunkedAdamW
 from ramgpt.engine.gradpath import DeviceGradPath, HostGradPath
 from ramgpt.engine.hostmem import FileArena, HostArena, aligned
+from ramgpt.engine.nodeshare import PAGE, NodeShare, page_aligned
 from ramgpt.engine.offload import offload_model_class
 from ramgpt.model import GPT
 from ramgpt.placement import resolve_grad_accum
@@ -90,7 +92,8 @@ def _set_param(module: nn.Module, dotted: str, value: torch.Tensor) -> None:
     owner._parameters[leaf] = nn.Parameter(value, requires_grad=False)
 
 
-def _compute_copies(masters: list[nn.Module], dtype: torch.dtype, arena: HostArena) -> list[nn.Module]:
+def _compute_copies(masters: list[nn.Module], dtype: torch.dtype, arena: HostArena | FileArena,
+                    fill: bool = True) -> list[nn.Module]:
     """A ``dtype`` copy of each chunk whose parameters are views of ``arena`` (no fp32 deep copy:
     the masters' parameters map to meta placeholders while the modules are copied)."""
     copies = []
@@ -100,7 +103,8 @@ def _compute_copies(masters: list[nn.Module], dtype: torch.dtype, arena: HostAre
         cp = copy.deepcopy(c, memo)
         for name, p in c.named_parameters():
             view = arena.take(p.shape, dtype)
-            view.copy_(p.detach())
+            if fill:  # several GPUs: only the node's first rank writes the shared copies
+                view.copy_(p.detach())
             _set_param(cp, name, view)
         copies.append(cp)
     return copies
@@ -111,9 +115,10 @@ class StreamedEngine(Engine):
 
     def __init__(self, model: GPT, *, device: str, precision: str, optim_cfg, seqs_per_pass: int,
                  window: int = 3, pin: int = 0, vram_budget_b: int | None = None, grad_accum: str = "host",
-                 moments_file: Path | None = None):
+                 moments_file: Path | None = None, comm: Comm | None = None):
         """``moments_file``: the low-RAM mode (``runtime.optimizer_on_disk``): AdamW's moments live in
-        this memory-mapped file (removed on close) instead of RAM."""
+        this memory-mapped file (removed on close) instead of RAM. ``comm``: one of several ranks
+        (:mod:`ramgpt.dist`): the state is shared by the node's ranks and each chunk updated by its owner."""
         if device.startswith("cuda") and torch.device(device).index is None:
             # worker threads must name the device: the current one is per thread
             device = f"cuda:{torch.cuda.current_device()}"
@@ -126,6 +131,7 @@ class StreamedEngine(Engine):
         self.model.to("cpu")  # fp32 masters live in CPU RAM
         self.optimizer = make_optimizer(model, optim_cfg.lr, optim_cfg.weight_decay,
                                         (optim_cfg.beta1, optim_cfg.beta2), optim_cfg.eps)
+        self.comm = comm
         self.masters = model.chunks()
         # per chunk: streamed-copy param name -> fp32 master Parameter (tied weight appears twice)
         self._master_of: list[dict[str, nn.Parameter]] = [dict(c.named_parameters()) for c in self.masters]
@@ -136,9 +142,25 @@ class StreamedEngine(Engine):
             owned.update(id(p) for p in mine)
             self._owned.append(mine)
 
+        owner_chunk = {id(p): j for j, ps in enumerate(self._owned) for p in ps}
+        # per chunk: the other chunks whose masters its copy holds (the head's copy of the embedding)
+        self._tied_from = [{owner_chunk[id(p)] for p in m.values()} - {i} for i, m in enumerate(self._master_of)]
         sizes = [sum(aligned(p.numel() * self.compute_dtype.itemsize) for p in c.parameters()) for c in self.masters]
-        self.arena = HostArena(sum(sizes), device, "the bf16 weight copies")
-        copies = _compute_copies(self.masters, self.compute_dtype, self.arena)
+        # which rank of the node updates each chunk (one process: this one)
+        self._owner = chunk_owners(sizes, comm.ctx.local_world) if comm else [0] * len(sizes)
+        self._mine = [o == (comm.ctx.local_rank if comm else 0) for o in self._owner]
+        self.share: NodeShare | None = None
+        self._update_count = 0  # optimizer updates started: the per-chunk counters must reach it
+        self.update_timeout_s = 1800.0
+        if comm is not None:
+            self._share_node_state(sizes, moments_file)
+            self.arena = self.share.copies
+            copies = _compute_copies(self.masters, self.compute_dtype, self.arena, fill=comm.ctx.local_main)
+            self.arena.register(device)
+            comm.barrier()  # the node's copies are written
+        else:
+            self.arena = HostArena(sum(sizes), device, "the bf16 weight copies")
+            copies = _compute_copies(self.masters, self.compute_dtype, self.arena)
         self._head_copy = copies[-1]
         keep = "checkpoint" if model.cfg.dropout > 0 else False  # recompute would resample dropout
         self.h2d = TransferClock(self.cuda)
@@ -153,9 +175,15 @@ class StreamedEngine(Engine):
         self._extra_pinned = sum(t.numel() * t.element_size() for st in self.om._state for t in st.tensors.values()
                                  if not self.arena.contains(t) and t.device.type == "cpu" and self.arena.registered)
 
+        owner_of = {id(p): self._owner[i] for i, ps in enumerate(self._owned) for p in ps}
+        if comm is not None:
+            if self.cuda and self.grad_accum != "device":
+                raise ValueError("several GPUs sum gradients on the GPU: use runtime.grad_accum=device (or auto)")
+            self.grad_accum = "device"  # on the CPU its path sums over the ranks with gloo
         if self.grad_accum == "device":
-            self.grads: DeviceGradPath | HostGradPath = DeviceGradPath(self.params, self._master_of, device, self.d2h,
-                                                                       self._owned)
+            mine = [ps for ps, m in zip(self._owned, self._mine) if m]
+            self.grads: DeviceGradPath | HostGradPath = DeviceGradPath(
+                self.params, self._master_of, device, self.d2h, mine, comm=comm, owner_of=owner_of)
             if self.grads.fallback:  # page-locking refused: the CPU worker is faster than pageable DMA
                 self.grads.close()
                 self.grad_accum = "host"
@@ -163,10 +191,15 @@ class StreamedEngine(Engine):
             slot = max(sum(aligned(p.numel() * p.element_size()) for p in c.parameters()) for c in copies)
             self.grads = HostGradPath(self.params, self._master_of, device, self.d2h, slot, max(2, min(4, len(copies))))
         self.moments = None
-        if moments_file is not None:
+        if self.share is not None:
+            self.moments = self.share.moments
+        elif moments_file is not None:
             per = [aligned(p.numel() * 4, 4096) * 2 for p in self.params]
             self.moments = FileArena(moments_file, sum(per))
-        self.adamw = ChunkedAdamW(self.optimizer, self._owned, self.moments)
+        self.adamw = ChunkedAdamW(self.optimizer, self._owned, self.moments,
+                                  update=[i for i, m in enumerate(self._mine) if m])
+        if self.share is not None:
+            self.adamw.ensure_all_states(step_arena=self.share.moments)  # the same layout in every rank
         self._norm_from_path = False
         self._update_gate = None
         self._opt_wait_s = 0.0  # compute-thread waits for chunks the optimizer had not updated yet
@@ -178,13 +211,47 @@ class StreamedEngine(Engine):
     def seqs_per_pass(self) -> int:
         return self._spp
 
+    @property
+    def shared_b(self) -> int:
+        """Bytes of the node-shared training state (several GPUs; 0 for one process)."""
+        return sum(a.nbytes for a in self.share.arenas.values()) if self.share is not None else 0
+
+    def _share_node_state(self, sizes: list[int], moments_file: Path | None) -> None:
+        """Several GPUs: the fp32 masters, bf16 copies and AdamW state once per node, in shared
+        memory; the masters become views of it (the node's first rank writes their values)."""
+        comm = self.comm
+        assert comm is not None
+        masters_b = sum(page_aligned(p.numel() * 4) for p in self.params)
+        copies_b = sum(page_aligned(p.numel() * self.compute_dtype.itemsize) for c in self.masters
+                       for p in c.parameters())
+        moments_b = sum(2 * page_aligned(p.numel() * 4) + PAGE for p in self.params)
+        self.share = NodeShare(comm, masters_b=masters_b, copies_b=copies_b, moments_b=moments_b,
+                               n_chunks=len(sizes), moments_dir=moments_file.parent if moments_file else None)
+        with torch.no_grad():
+            for p in self.params:
+                view = self.share.masters.take(p.shape, p.dtype)
+                if comm.ctx.local_main:
+                    view.copy_(p.detach())
+                p.data = view  # the same Parameter object (the optimizer holds it), shared storage
+        comm.barrier()
+
     # -- ramtorch hooks ------------------------------------------------------------------------
     def _observe_load(self, state):
         return self.h2d.span(self.om._h2d_stream, state.nbytes())
 
     def _wait_for_update(self, idx: int) -> None:
-        """Loader thread, before copying chunk ``idx`` to the GPU: its update must be done."""
-        self.adamw.wait_chunk(idx)
+        """Loader thread, before copying chunk ``idx`` to the GPU: its update must be done (by this
+        process, or, with several GPUs, by the chunk's owner: the node-shared counter says)."""
+        if self.share is None:
+            self.adamw.wait_chunk(idx)
+            return
+        deadline = time.monotonic() + self.update_timeout_s
+        while int(self.share.flags[idx]) < self._update_count:
+            self.adamw.raise_error()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"chunk {idx} was not updated by rank {self._owner[idx]} of this node within "
+                                   f"{self.update_timeout_s:.0f} s")
+            time.sleep(0.0005)
 
     def _observe_wait(self, seconds: float, during_update: bool) -> None:
         if during_update:
@@ -231,8 +298,10 @@ class StreamedEngine(Engine):
         self.adamw.wait_all()  # the previous update (always done by now: this step's forward waited for it)
         previous_work = self.adamw.last_work_s
         factor = 1.0 / (self.scaler.scale * max(n_tokens, 1))
-        if self._norm_from_path:
+        if self._norm_from_path or self.comm is not None:
             sq = self.grads.sq_norm()
+            if self.comm is not None:  # each chunk's squares were summed by one rank per node
+                sq = self.comm.sum_floats(sq)[0] / self.comm.ctx.nodes
         else:  # passes run one by one without announcing the last (tests, benchmarks): one pass over the grads
             grads = [p.grad for p in self.params if p.grad is not None and id(p) in self.grads.touched]
             sq = float(sum(torch.linalg.vector_norm(g, dtype=torch.float64) ** 2 for g in grads)) if grads else 0.0
@@ -244,12 +313,15 @@ class StreamedEngine(Engine):
             self.grads.zero_untouched()
             clip = self.cfg.grad_clip
             coef = min(1.0, clip / (norm + 1e-6)) if clip > 0 else 1.0
-            self.adamw.start(lr, 1.0 / (factor * coef), after_chunk=self._refresh_chunk, before_chunk=self._gate_chunk)
+            self._update_count += 1
+            self.adamw.start(lr, 1.0 / (factor * coef), after_chunk=self._chunk_updated, before_chunk=self._gate_chunk)
         self.scaler.update(finite)
         self.grads.zero()
         return StepReport(norm, not finite, previous_work + (time.perf_counter() - t0), self.scaler.scale)
 
     def set_update_gate(self, gate) -> bool:
+        if self.comm is not None:  # several GPUs: checkpoints are written with training paused
+            return False
         self._update_gate = gate
         return True
 
@@ -263,6 +335,16 @@ class StreamedEngine(Engine):
             tensors.extend(v for v in self.optimizer.state.get(p, {}).values() if isinstance(v, torch.Tensor))
         self._update_gate(tensors)
 
+    def _chunk_updated(self, idx: int) -> None:
+        # a tied weight's copy in this chunk is refreshed from a master another chunk updates
+        # (the head's copy of the embedding): with several ranks that update may still be running
+        if self.share is not None:
+            for j in self._tied_from[idx]:
+                self._wait_for_update(j)
+        self._refresh_chunk(idx)
+        if self.share is not None:
+            self.share.flags[idx] = self._update_count  # the node's other ranks may load it now
+
     @torch.no_grad()
     def _refresh_chunk(self, idx: int) -> None:
         """The bf16 copies of chunk ``idx`` from its updated fp32 masters."""
@@ -270,7 +352,11 @@ class StreamedEngine(Engine):
             t.copy_(self._master_of[idx][k])
 
     def wait_optimizer(self) -> None:
+        """Every chunk's update is done (with several GPUs: by every owner on this node)."""
         self.adamw.wait_all()
+        if self.share is not None:
+            for idx in range(len(self.masters)):
+                self._wait_for_update(idx)
 
     # -- state -------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -283,7 +369,14 @@ class StreamedEngine(Engine):
 
     def load_state(self, model_state, optimizer_state, scaler_state) -> None:
         self.wait_optimizer()
-        super().load_state(model_state, optimizer_state, scaler_state)
+        if self.comm is None or self.comm.ctx.local_main:
+            super().load_state(model_state, optimizer_state, scaler_state)
+        else:  # the node's first rank fills the shared state
+            if scaler_state:
+                self.scaler.load_state_dict(scaler_state)
+            self.om.invalidate_residency()
+        if self.comm is not None:
+            self.comm.barrier()
 
     def _state_for(self, p: nn.Parameter) -> dict[str, torch.Tensor]:
         return self.adamw._ensure_state(p)
@@ -302,6 +395,12 @@ class StreamedEngine(Engine):
             self._refresh_chunk(idx)
         self.om.invalidate_residency()
 
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float, n_tokens: int | None = None) -> StepReport:
+        report = super().train_step(x, y, lr, n_tokens)
+        if self.comm is not None:
+            report.loss_sum = self.comm.sum_floats(report.loss_sum)[0]
+        return report
+
     def counters(self) -> dict[str, float]:
         out = super().counters()
         self.h2d.harvest()
@@ -319,6 +418,9 @@ class StreamedEngine(Engine):
         out["stall_grad_s_total"] = self.grads.wait_s
         out["stall_s_total"] = out["stall_load_s_total"] + out["stall_grad_s_total"]
         out["optimizer_exposed_s_total"] = self._opt_wait_s
+        if self.comm is not None:
+            self.grads.nccl.harvest()
+            out["comm_s_total"] = self.grads.nccl.seconds + self.grads.comm_s
         out["optimizer_work_s_total"] = self.adamw.work_s_total
         out["pinned_b"] = (self.arena.nbytes if self.arena.registered else 0) + self.grads.pinned_b + self._extra_pinned
         if self.moments is not None:
@@ -331,7 +433,10 @@ class StreamedEngine(Engine):
         finally:
             self.grads.close()
             self.om.close()
-            self.arena.close()
-            if self.moments is not None:  # scratch: the state that matters is in the checkpoints
-                self.moments.close()
-                self.moments.path.unlink(missing_ok=True)
+            if self.share is not None:
+                self.share.close()
+            else:
+                self.arena.close()
+                if self.moments is not None:  # scratch: the state that matters is in the checkpoints
+                    self.moments.close()
+                    self.moments.path.unlink(missing_ok=True)

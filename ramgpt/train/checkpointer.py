@@ -89,6 +89,7 @@ class Checkpointer:
         on_saved: Sequence[SavedHook] = (),
         last_saved_step: int = -1,
         clock: Callable[[], float] = time.monotonic,
+        comm: Any = None,
     ) -> None:
         self.run_dir = run_dir
         self.cfg = cfg
@@ -99,6 +100,9 @@ class Checkpointer:
         self.status = status
         self.on_saved = list(on_saved)
         self.clock = clock
+        # several ranks: rank 0 decides when (its clock) and writes; every rank waits at the save
+        self.comm = comm
+        self.main = comm is None or comm.ctx.main
         self.last_path: Path | None = None
         self.last_step = last_saved_step
         self._last_time = clock()
@@ -117,32 +121,26 @@ class Checkpointer:
 
     def maybe_save(self, state: TrainState, snapshot: Snapshot) -> Path | None:
         self.poll()
-        return self.save(state, snapshot, "interval") if self.due(state.step) else None
+        due = self.due(state.step)
+        if self.comm is not None:
+            due = self.comm.broadcast_object(due)
+        return self.save(state, snapshot, "interval") if due else None
 
     # -- saving ------------------------------------------------------------------------------
-    def save(self, state: TrainState, snapshot: Snapshot, reason: str, *, wait: bool = False) -> Path | None:
+    def save(self, state: TrainState, snapshot: Snapshot, reason: str, *, wait: bool = False,
+             solo: bool = False) -> Path | None:
         """Write a checkpoint of ``state`` (no-op if this step is already saved). In the
-        background unless ``wait`` or the engine cannot gate; returns the path once written."""
+        background unless ``wait`` or the engine cannot gate; returns the path once written.
+        Several ranks: every rank calls it, rank 0 writes; ``solo`` (after Ctrl-C, when the ranks
+        stopped at different points) skips the collectives and saves rank 0's view alone."""
         self.finish()  # one save at a time
         if state.step == self.last_step or state.step <= 0:
             return None
+        if self.comm is not None:
+            return self._save_ranks(state, snapshot, reason, solo)
         t0 = time.perf_counter()
         self._last_time = self.clock()
-        meta = {
-            "step": state.step,
-            "tokens_seen": state.tokens_seen,
-            "data_state": snapshot.data_state,
-            "rng": snapshot.rng,
-            "config": self.context.public_config,
-            "eval_loss": state.last_eval_loss,
-            "train_state": state.to_dict(),
-            "loss_scaler": self.engine.scaler_state(),
-            "engine": self.context.engine_name,
-            "precision": self.context.precision,
-            "schedule": self.context.schedule,
-            "reason": reason,
-            **self.context.extra,
-        }
+        meta = self._meta(state, snapshot, reason)
         model_state = self.engine.state_dict()
         opt_state = _freeze_scalars(self.engine.optimizer_state())
         step = state.step
@@ -157,6 +155,48 @@ class Checkpointer:
                                                                    self._written), name="ramgpt-ckpt", daemon=True)
         self._writer.start()
         return None
+
+    def _save_ranks(self, state: TrainState, snapshot: Snapshot, reason: str, solo: bool) -> Path | None:
+        try:
+            self.engine.wait_optimizer()  # every owner's update of this step is in the shared state
+        except TimeoutError as e:
+            self.event("warning", f"no checkpoint at step {state.step}: {e}; the last checkpoint is intact")
+            return None
+        self._last_time = self.clock()
+        rngs = [snapshot.rng] if solo else self.comm.gather_objects(snapshot.rng)
+        path = None
+        if self.main:
+            # every rank's RNG, so a resume on as many ranks draws the same dropout masks
+            extra = {"rng_ranks": rngs if len(rngs) > 1 else [], "world_size": self.comm.ctx.world}
+            self._write(state.step, time.perf_counter(), self.engine.state_dict(),
+                        _freeze_scalars(self.engine.optimizer_state()), self._meta(state, snapshot, reason, extra),
+                        self.engine.tensor_saved)
+            self.poll()
+            path = self.last_path if self.last_step == state.step else None
+        else:
+            self.last_step = state.step
+        if not solo:
+            self.comm.barrier()  # nobody updates the shared state while rank 0 reads it
+        return path
+
+    def _meta(self, state: TrainState, snapshot: Snapshot, reason: str, extra: dict[str, Any] | None = None
+              ) -> dict[str, Any]:
+        return {
+            "step": state.step,
+            "tokens_seen": state.tokens_seen,
+            "data_state": snapshot.data_state,
+            "rng": snapshot.rng,
+            "config": self.context.public_config,
+            "eval_loss": state.last_eval_loss,
+            "train_state": state.to_dict(),
+            "loss_scaler": self.engine.scaler_state(),
+            "engine": self.context.engine_name,
+            "precision": self.context.precision,
+            "schedule": self.context.schedule,
+            "reason": reason,
+            **self.context.extra,
+            **(extra or {}),
+        }
 
     def _write(self, step: int, t0: float, model_state: dict, opt_state: Any, meta: dict,
                after_tensor: Callable[[torch.Tensor], None] | None) -> None:
@@ -187,6 +227,8 @@ class Checkpointer:
 
     def poll(self) -> None:
         """Report finished saves, rotate and run the hooks (on the training thread)."""
+        if not self.main:
+            return
         with self._cv:
             done, self._done = self._done, []
         for step, seconds, path, err in done:

@@ -48,7 +48,8 @@ def train(profile: Profile, resume: str | None = None, sinks: list | None = None
         if run is not None:
             run.close()
     result = run.result(interrupted, time.perf_counter() - t_start)
-    run.run_dir.write_json("last_run.json", result.to_dict())
+    if run.comm is None or run.comm.ctx.main:
+        run.run_dir.write_json("last_run.json", result.to_dict())
     return result
 
 
@@ -59,8 +60,8 @@ def run_steps(run: Run) -> bool:
         while state.step < run.max_steps:
             step = state.step + 1
             lr = run.schedule.lr_at(step)
-            x, y = run.data.next_batch(run.seqs_per_step)
-            report = run.engine.train_step(x, y, lr)
+            x, y = run.data.next_batch(run.seqs_per_step)  # the global batch; each rank trains its share
+            report = run.engine.train_step(run.shard(x), run.shard(y), lr, n_tokens=y.numel())
             n_tokens = y.numel()
             loss = report.loss_sum / n_tokens
 
@@ -88,7 +89,7 @@ def run_steps(run: Run) -> bool:
             with _sigint_ignored():  # a second Ctrl-C must not abort the save it is waiting for
                 out.event("info", "saving a checkpoint before stopping (Ctrl-C is ignored until it is written)")
                 run.checkpointer.finish()  # a background save in progress completes first
-                run.checkpointer.save(state, run.snapshot, "interrupt", wait=True)
+                run.checkpointer.save(state, run.snapshot, "interrupt", wait=True, solo=True)
         out.progress(state.step, tokens_seen=state.tokens_seen, phase=None)
         return True
 

@@ -64,7 +64,9 @@ class _Window:
 
 class MetricsLogger:
     def __init__(self, sink: Any, engine: Any, sysstats: Any, *, max_steps: int, log_interval: int,
-                 flops_per_token: float, peak_flops: float | None, t_start: float, epoch_of: Any) -> None:
+                 flops_per_token: float, peak_flops: float | None, t_start: float, epoch_of: Any,
+                 comm: Any = None) -> None:
+        self.comm = comm  # several ranks: rank 0's row also shows every rank's VRAM and the node's RAM
         self.sink = sink
         self.engine = engine
         self.sysstats = sysstats
@@ -83,6 +85,21 @@ class MetricsLogger:
         w.steps += 1
         w.loss_sum += loss
         w.opt_s += optimizer_time_s
+
+    def _add_ranks(self, row: dict[str, Any], counters: dict[str, float], dt: float) -> None:
+        """Every rank's VRAM peak and its own RAM (shared memory counted once per node)."""
+        from ramgpt.probe import private_rss
+
+        comm_s = counters.get("comm_s_total", 0.0) - self.prev_counters.get("comm_s_total", 0.0)
+        mine = {"vram": counters.get("vram_peak_reserved_b", 0), "ram": private_rss(), "comm_s": comm_s,
+                "node": self.comm.ctx.node, "shared": getattr(self.engine, "shared_b", 0)}
+        ranks = self.comm.gather_objects(mine)
+        row["ranks"] = len(ranks)
+        row["vram_peak_reserved_b_ranks"] = [r["vram"] for r in ranks]
+        node = [r for r in ranks if r["node"] == self.comm.ctx.node]
+        row["node_ram_b"] = sum(r["ram"] for r in node) + node[0]["shared"]
+        row["comm_s"] = max(r["comm_s"] for r in ranks) / max(self.window.steps, 1)
+        row["comm_pct"] = 100.0 * max(r["comm_s"] for r in ranks) / dt
 
     def maybe_log(self, step: int, tokens_seen: int, loss: float, lr: float, grad_norm: float,
                   eval_loss: float | None) -> None:
@@ -127,6 +144,8 @@ class MetricsLogger:
             row["optimizer_share"] = exposed / dt
         row.update({k: v for k, v in counters.items() if not k.endswith("_total")})
         row.update(self.sysstats.sample())
+        if self.comm is not None:
+            self._add_ranks(row, counters, dt)
         self.sink.log(row, step)
         self.prev_counters = counters
         self.window = _Window(now)

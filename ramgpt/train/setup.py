@@ -17,6 +17,8 @@ import torch
 
 from ramgpt import checkpoint as ckpt
 from ramgpt.config import Profile
+from ramgpt.dist import Comm, DistContext
+from ramgpt.dist import from_env as dist_from_env
 from ramgpt.errors import CheckpointError, ConfigError, OutOfMemoryError, RamgptError, is_out_of_memory
 from ramgpt.fmt import first_line
 from ramgpt.memory.timing import flops_per_token
@@ -48,7 +50,12 @@ class Run:
     snapshot: Snapshot
     sysstats: Any
     notices: list[str] = field(default_factory=list)
+    comm: Comm | None = None
     last_loss: float | None = None
+
+    def shard(self, t: torch.Tensor) -> torch.Tensor:
+        """This rank's sequences of the global batch (every rank reads the same stream)."""
+        return t if self.comm is None else t[self.comm.ctx.rank :: self.comm.ctx.world]
 
     @property
     def max_steps(self) -> int:
@@ -67,8 +74,10 @@ class Run:
         )
 
     def close(self) -> None:
-        for closer in (self.checkpointer.close, self.sysstats.close, self.out.close, self.engine.close,
-                       self.run_dir.close):
+        closers = [self.checkpointer.close, self.sysstats.close, self.out.close, self.engine.close, self.run_dir.close]
+        if self.comm is not None:
+            closers.append(self.comm.close)
+        for closer in closers:
             try:
                 closer()
             except Exception:  # noqa: BLE001 - closing must reach every component
@@ -101,14 +110,65 @@ def oom_message(profile: Profile, engine: Any, step: int) -> str:
     return f"CUDA out of memory at step {step + 1}{cap}: lower {lower}{predicted}; saved checkpoints are intact"
 
 
-def _place(profile: Profile) -> Placement:
+def _place(profile: Profile, ctx: DistContext | None) -> Placement:
     machine = probe_machine()
-    free = None
+    if ctx is not None and machine.cuda and profile.runtime.device in ("auto", "cuda"):
+        # one process per GPU: this rank's GPU is its local rank's
+        if ctx.local_rank >= len(machine.gpus):
+            raise ConfigError(f"torchrun started {ctx.local_world} processes on this node but it has "
+                              f"{len(machine.gpus)} GPU(s); use --nproc-per-node {len(machine.gpus)}")
+        profile = profile.model_copy(update={"runtime": profile.runtime.model_copy(
+            update={"device": f"cuda:{ctx.local_rank}"})})
+        torch.cuda.set_device(ctx.local_rank)
     placement = decide(profile, machine)
     if placement.cuda and placement.vram_budget_b is None:
         free = torch.cuda.mem_get_info(torch.device(placement.device))[0]  # after the context exists
         placement = decide(profile, machine, free_vram_b=free)
     return placement
+
+
+def _same_everywhere(comm: Comm, profile: Profile, placement: Placement) -> None:
+    """One-line errors, on every rank, for a job whose ranks disagree or cannot run the profile."""
+    import hashlib
+    import json
+
+    mine = hashlib.sha256(json.dumps(profile.to_public_dict(), sort_keys=True).encode()).hexdigest()
+    gpu = probe_machine().gpu(placement.device)
+    short = ""
+    if gpu is not None and profile.runtime.vram_budget_gib and gpu.total_b < profile.runtime.vram_budget_gib * 2**30:
+        short = (f"rank {comm.ctx.rank}'s GPU ({gpu.name}, {gpu.total_b / 2**30:.1f} GiB) is smaller than "
+                 f"runtime.vram_budget_gib {profile.runtime.vram_budget_gib}")
+    views = comm.gather_objects((mine, short))
+    differ = [r for r, (h, _) in enumerate(views) if h != views[0][0]]
+    if differ:
+        raise ConfigError(f"rank {differ[0]} runs another profile than rank 0 (profile, --set or RAMGPT_* differ); "
+                          "start every rank with the same command")
+    problem = next((p for _, p in views if p), "")
+    if problem:
+        raise ConfigError(problem + "; lower the budget or leave that GPU out (CUDA_VISIBLE_DEVICES)")
+    if profile.optim.seqs_per_step % comm.ctx.world:
+        raise ConfigError(f"optim.seqs_per_step ({profile.optim.seqs_per_step} = micro_batch_size x grad_accum_steps) "
+                          f"does not divide into the {comm.ctx.world} ranks; change optim.grad_accum_steps")
+
+
+def _on_main(comm: Comm | None, fn: Any) -> Any:
+    """Run ``fn`` on rank 0 only (the run directory, the tokenizer); its one-line error, if any,
+    is raised on every rank, so no rank waits for a collective that will never come."""
+    import ramgpt.errors as errors
+
+    result, err = None, None
+    if comm is None or comm.ctx.main:
+        try:
+            result = fn()
+        except RamgptError as e:
+            if comm is None:
+                raise
+            err = (type(e).__name__, str(e))
+    if comm is not None:
+        err = comm.broadcast_object(err)
+    if err is not None:
+        raise getattr(errors, err[0], RamgptError)(err[1])
+    return result
 
 
 def _default_sinks(profile: Profile, run_dir: Path, resume_step: int | None, wandb_id: str | None) -> list:
@@ -134,7 +194,7 @@ def setup_run(profile: Profile, *, resume: str | None, sinks: list | None, on_sa
     from ramgpt.data import TokenBatches, eval_batches
     from ramgpt.engine import build_engine
     from ramgpt.model import build_gpt
-    from ramgpt.sinks import MultiSink
+    from ramgpt.sinks import MultiSink, NullSink
     from ramgpt.sinks.wandb import find_wandb_run_id
     from ramgpt.sysstats import SystemStats
     from ramgpt.tokenizer_train import ensure_tokenizer
@@ -143,42 +203,42 @@ def setup_run(profile: Profile, *, resume: str | None, sinks: list | None, on_sa
     if rt.threads:
         torch.set_num_threads(rt.threads)
     torch.manual_seed(rt.seed)
-    placement = _place(profile)
-    run_dir = RunDir(profile.run_dir).open()  # created, writable, locked
+    ctx = dist_from_env()
+    placement = _place(profile, ctx)
+    comm = Comm(ctx, placement.device) if ctx is not None else None
+    main = comm is None or comm.ctx.main
+    run_dir = RunDir(profile.run_dir, lock=main)
     try:
-        tokenizer = ensure_tokenizer(profile, run_dir.path)  # trains one first when the profile asks
+        if comm is not None:
+            _same_everywhere(comm, profile, placement)
+        _on_main(comm, run_dir.open)  # created, writable, locked (rank 0)
+        # rank 0 trains the tokenizer when the profile asks; the others then load the saved one
+        tokenizer = _on_main(comm, lambda: ensure_tokenizer(profile, run_dir.path))
+        if not main:
+            tokenizer = ensure_tokenizer(profile, run_dir.path)
         if tokenizer.vocab_size > profile.model.vocab_size:
             raise ConfigError(
                 f"model.vocab_size ({profile.model.vocab_size}) is smaller than the tokenizer's vocabulary "
                 f"({tokenizer.vocab_size} tokens of {tokenizer.name!r}); raise model.vocab_size"
             )
         notices: list[str] = []
-        loaded = None
-        if resume:
-            loaded = _load_resume(run_dir.path, resume, notices)
-        else:
-            done = [i.step for i in ckpt.list_checkpoints(run_dir.path) if i.complete]
-            if done:
-                raise ConfigError(f"{run_dir.path} already holds checkpoints up to step {max(done)}; "
-                                  "continue with --resume latest, or train into a new --out-dir")
-        if profile.checkpoint.require_free_disk:
-            from ramgpt.memory import disk_per_checkpoint
-
-            existing = sum(i.bytes for i in ckpt.list_checkpoints(run_dir.path))
-            run_dir.check_free_space(disk_per_checkpoint(profile).per_checkpoint, profile.checkpoint.keep_last_n,
-                                     existing)
-        run_dir.write_config(profile.to_public_dict())
+        _on_main(comm, lambda: _check_run_dir(profile, run_dir, resume))
+        loaded = _load_resume(run_dir.path, resume, notices) if resume else None
         state = TrainState.from_meta(loaded.meta) if loaded else TrainState()
         schedule = Schedule.from_profile(profile)
         if loaded:
             schedule, note = resume_schedule(profile, loaded.meta)
             if note:
                 notices.append(note)
-        if sinks is None:
+        if not main:
+            sinks = [NullSink()]  # the other ranks print nothing but errors
+        elif sinks is None:
             sinks = _default_sinks(profile, run_dir.path, state.step if loaded else None, state.wandb_run_id)
         out = MultiSink(list(sinks))
     except BaseException:
         run_dir.close()
+        if comm is not None:
+            comm.close()
         raise
     state.wandb_run_id = find_wandb_run_id(sinks) or state.wandb_run_id
     for note in notices:
@@ -195,15 +255,17 @@ def setup_run(profile: Profile, *, resume: str | None, sinks: list | None, on_sa
         data = TokenBatches(profile.data, tokenizer, "train", profile.optim.micro_batch_size, profile.data.seed)
         eval_set = eval_batches(profile.data, tokenizer, profile.logging.eval_batches, profile.optim.micro_batch_size)
         phase("building the model")
-        model = build_gpt(profile.model, rt.loss_chunk_tokens)
+        model = build_gpt(profile.model, rt.loss_chunk_tokens)  # the same weights on every rank (one seed)
         phase("placing the weights" + (" in pinned CPU RAM" if placement.engine == "streamed" else ""))
         if rt.optimizer_on_disk and placement.engine != "streamed":
             raise ConfigError("runtime.optimizer_on_disk needs the streamed engine, but this machine runs the profile "
                               f"on the {placement.engine} engine; set runtime.engine=streamed")
-        engine = build_engine(model, placement, profile.optim, rt, scratch_dir=run_dir.path)
+        engine = build_engine(model, placement, profile.optim, rt, scratch_dir=run_dir.path, comm=comm)
+        if comm is not None:
+            torch.manual_seed(rt.seed + comm.ctx.rank)  # each rank its own dropout masks
         if loaded is not None:
             phase(f"restoring step {loaded.step}")
-            _restore(engine, data, loaded, profile)
+            _restore(engine, data, loaded, profile, comm)
             notices.append(f"resumed from {loaded.path} at step {state.step}")
             out.event("info", notices[-1])
     except BaseException as e:
@@ -211,11 +273,14 @@ def setup_run(profile: Profile, *, resume: str | None, sinks: list | None, on_sa
             engine.close()
         out.close()
         run_dir.close()
+        if comm is not None:
+            comm.close()
         if isinstance(e, Exception) and not isinstance(e, RamgptError) and is_out_of_memory(e):
             raise OutOfMemoryError(oom_message(profile, None, state.step)) from e
         raise
     n_params = model.num_params()
-    out.event("info", f"{profile.name}: {n_params:,} parameters, {engine.name} engine on {placement.device} "
+    ranks = f" x {comm.ctx.world} ranks" if comm is not None else ""
+    out.event("info", f"{profile.name}: {n_params:,} parameters, {engine.name} engine on {placement.device}{ranks} "
                       f"({placement.precision}), {engine.seqs_per_pass} sequences per pass, "
                       f"{profile.tokens_per_step:,} tokens per step")
     phase("first step" if state.step < profile.optim.max_steps else None)
@@ -226,21 +291,37 @@ def setup_run(profile: Profile, *, resume: str | None, sinks: list | None, on_sa
         out, engine, sysstats, max_steps=profile.optim.max_steps, log_interval=profile.logging.log_interval,
         flops_per_token=flops_per_token(profile.model, profile.data.seq_len),  # model FLOPs: no recompute
         peak_flops=peak_flops(placement.device, gpu.name if gpu else None), t_start=t_start,
-        epoch_of=lambda: data.epoch + 1,
+        epoch_of=lambda: data.epoch + 1, comm=comm,
     )
     checkpointer = Checkpointer(
         run_dir.path, profile.checkpoint, engine, tokenizer,
         SaveContext(profile.to_public_dict(), engine.name, placement.precision, schedule.to_dict()),
-        event=out.event, status=lambda text: out.progress(state.step, saving=text), on_saved=on_saved,
-        last_saved_step=state.step if loaded else -1,
+        event=out.event, status=lambda text: out.progress(state.step, saving=text), on_saved=on_saved if main else (),
+        last_saved_step=state.step if loaded else -1, comm=comm,
     )
-    evaluator = Evaluator(engine, eval_set, profile.logging.eval_interval, profile.optim.max_steps)
+    evaluator = Evaluator(engine, eval_set, profile.logging.eval_interval, profile.optim.max_steps, comm=comm)
     return Run(profile, placement, run_dir, out, engine, data, evaluator, checkpointer, metrics, state, schedule,
-               Snapshot(data.state_dict(), ckpt.capture_rng_state()), sysstats, notices)
+               Snapshot(data.state_dict(), ckpt.capture_rng_state()), sysstats, notices, comm=comm)
 
 
-def _restore(engine: Any, data: Any, loaded: ckpt.LoadedCheckpoint, profile: Profile) -> None:
-    """Put a checkpoint's tensors, optimizer, loss scale, data position and RNGs back."""
+def _check_run_dir(profile: Profile, run_dir: RunDir, resume: str | None) -> None:
+    """Rank 0, before any work: no silent overwrite of a run, room for its checkpoints, the config dump."""
+    if not resume:
+        done = [i.step for i in ckpt.list_checkpoints(run_dir.path) if i.complete]
+        if done:
+            raise ConfigError(f"{run_dir.path} already holds checkpoints up to step {max(done)}; "
+                              "continue with --resume latest, or train into a new --out-dir")
+    if profile.checkpoint.require_free_disk:
+        from ramgpt.memory import disk_per_checkpoint
+
+        existing = sum(i.bytes for i in ckpt.list_checkpoints(run_dir.path))
+        run_dir.check_free_space(disk_per_checkpoint(profile).per_checkpoint, profile.checkpoint.keep_last_n, existing)
+    run_dir.write_config(profile.to_public_dict())
+
+
+def _restore(engine: Any, data: Any, loaded: ckpt.LoadedCheckpoint, profile: Profile, comm: Comm | None) -> None:
+    """Put a checkpoint's tensors, optimizer, loss scale, data position and RNGs back (each rank
+    its own RNG when the checkpoint was written by as many ranks; the data position is shared)."""
     meta = loaded.meta
     try:
         engine.load_state(loaded.model_state, loaded.optimizer_state, meta.get("loss_scaler"))
@@ -250,4 +331,7 @@ def _restore(engine: Any, data: Any, loaded: ckpt.LoadedCheckpoint, profile: Pro
             f"model shape?): {first_line(e)}"
         ) from e
     data.load_state_dict(meta["data_state"])
-    ckpt.restore_rng_state(meta["rng"])
+    per_rank = meta.get("rng_ranks") or []
+    world = comm.ctx.world if comm is not None else 1
+    rank = comm.ctx.rank if comm is not None else 0
+    ckpt.restore_rng_state(per_rank[rank] if len(per_rank) == world else meta["rng"])
