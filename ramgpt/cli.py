@@ -273,6 +273,8 @@ def estimate_memory(
     time_: Annotated[
         bool, typer.Option("--time/--no-time", help="Project step time and run length (measures a ~1 s matmul here unless --card).")
     ] = True,
+    gpus: Annotated[int, typer.Option("--gpus", min=1, metavar="N", help="Plan for N GPUs of this machine "
+                                      "(VRAM per GPU, RAM per node).")] = 1,
     json_: JsonOpt = False,
 ) -> None:
     """Predict VRAM, CPU RAM, disk, PCIe traffic and run time of a profile, and whether it fits.
@@ -286,7 +288,7 @@ def estimate_memory(
         if v is not None and v <= 0:
             raise ConfigError(f"{name} must be positive, got {v}")
     prof = _load(profile, set_, micro_test)
-    est = estimate(prof, vram_gib=vram_gib, ram_gib=ram_gib, link_gbps=link_gbps, card=card,
+    est = estimate(prof, vram_gib=vram_gib, ram_gib=ram_gib, link_gbps=link_gbps, card=card, gpus=gpus,
                    speed="auto" if time_ else None)
     if json_:
         typer.echo(json.dumps(est.to_dict(), indent=2, ensure_ascii=False))

@@ -329,6 +329,7 @@ def estimate(
     disk_free_bytes: int | None = None,
     card: str | CardClass | None = None,
     speed: Rates | Literal["auto"] | None = None,
+    gpus: int = 1,
 ) -> MemoryEstimate:
     """Estimate what ``profile`` needs on a machine and whether it fits.
 
@@ -341,7 +342,9 @@ def estimate(
 
     ``speed`` adds the projected step and run time: a :class:`~ramgpt.memory.timing.Rates`, or
     ``"auto"``: the card class's figures with ``card``, else a short measurement on this machine's
-    device for the placement (imports torch; about a second)."""
+    device for the placement (imports torch; about a second).
+
+    ``gpus``: train on that many GPUs of this machine (torchrun): VRAM is per GPU, RAM per node."""
     a = assumptions or DEFAULT_ASSUMPTIONS
     card_cls = _card_class(card)
     rt = profile.runtime
@@ -422,7 +425,11 @@ def estimate(
 
     seqs = spp if spp else profile.optim.micro_batch_size
     mem_engine = engine if device == "cuda" else "resident"
-    cpu_terms = _cpu_terms(profile, mem_engine, device, seqs, a)
+    cpu_terms = _cpu_terms(profile, mem_engine, device, seqs, a, gpus)
+    if gpus > 1:
+        notes.append(f"{gpus} GPUs: the VRAM figures are per GPU, the RAM is the node's; each GPU trains "
+                     f"{profile.optim.seqs_per_step // gpus} of the {profile.optim.seqs_per_step} sequences of a step "
+                     "and sends its gradients (4 bytes per parameter per pass) to each chunk's owner over NCCL")
     cpu_bytes = _total(cpu_terms)
     ram = plan.ram
     fits_ram = None if ram is None else cpu_bytes <= ram
@@ -462,9 +469,8 @@ def estimate(
             )
         )
         assumptions_text.append(
-            f"pinned host memory rounded up to powers of two per tensor; +{a.pinned_overhead:.0%} driver overhead"
-            if a.pinned_rounding == "pow2"
-            else "pinned host memory exact"
+            f"bf16 copies in one page-locked arena (exact; +{a.pinned_overhead:.0%} driver overhead); the host-path "
+            "gradient staging slots round up to powers of two"
         )
     if device == "cuda":
         share = a.headroom_streamed if engine == "streamed" else a.headroom_resident

@@ -691,7 +691,11 @@ def _data_terms(profile: Profile, seqs: int, a: Assumptions) -> list[Term]:
     return out
 
 
-def _cpu_terms(profile: Profile, engine: str, device: str, seqs: int, a: Assumptions) -> list[Term]:
+def _cpu_terms(profile: Profile, engine: str, device: str, seqs: int, a: Assumptions, gpus: int = 1) -> list[Term]:
+    """Host RAM of one node. ``gpus`` > 1: one process per GPU; the streamed engine keeps its
+    masters, bf16 copies and AdamW state once per node in shared memory and splits the gradient
+    accumulators among the processes (each keeps its own chunks'), so only the per-process
+    baseline grows with the GPU count."""
     cfg = profile.model
     N = _param_counts(cfg)["total"]
     out: list[Term] = []
@@ -710,7 +714,8 @@ def _cpu_terms(profile: Profile, engine: str, device: str, seqs: int, a: Assumpt
             largest = max(max(c.tensors) for c in chunk_sizes(cfg))
             out.append(Term("AdamW per-tensor temporaries", 2 * 4 * largest))
     elif engine == "resident":
-        out.append(Term("Python + torch + CUDA libraries baseline", a.cuda_baseline_bytes))
+        out.append(Term("Python + torch + CUDA libraries baseline" + (f" (x {gpus} processes)" if gpus > 1 else ""),
+                        a.cuda_baseline_bytes * gpus))
         out.append(
             Term(
                 "checkpoint save: model + AdamW state copied to CPU",
@@ -719,9 +724,12 @@ def _cpu_terms(profile: Profile, engine: str, device: str, seqs: int, a: Assumpt
             )
         )
     else:
-        out.append(Term("Python + torch + CUDA libraries baseline", a.cuda_baseline_bytes))
-        out.append(Term("fp32 master weights", 4 * N))
-        out.append(Term("fp32 gradient accumulators", 4 * N))
+        out.append(Term("Python + torch + CUDA libraries baseline" + (f" (x {gpus} processes)" if gpus > 1 else ""),
+                        a.cuda_baseline_bytes * gpus))
+        shared = " (once per node, shared by its processes)" if gpus > 1 else ""
+        out.append(Term("fp32 master weights" + shared, 4 * N))
+        out.append(Term("fp32 gradient accumulators" + (" (each process keeps its own chunks')" if gpus > 1 else ""),
+                        4 * N))
         chunks = chunk_sizes(cfg)
         if profile.runtime.optimizer_on_disk:
             # low-RAM mode: the moments are a memory-mapped file; one chunk's update pages its moments in
