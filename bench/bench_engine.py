@@ -120,7 +120,9 @@ def _train_section(profile_name: str, sets: list[str], steps: int, label: str) -
         "logging.eval_interval=100000",
         "logging.eval_batches=1",
         "checkpoint.save_final=false",
-        "checkpoint.save_interval_steps=100000",
+        f"checkpoint.save_interval_steps={os.environ.get('SAVE', '100000')}",  # SAVE=4: a save at step 4
+        "checkpoint.save_interval_minutes=null",
+        "checkpoint.require_free_disk=false",
         f"checkpoint.out_dir=/tmp/bench-{label}",
     ]
     prof = load_profile(profile_name, sets)
@@ -154,6 +156,8 @@ def _train_section(profile_name: str, sets: list[str], steps: int, label: str) -
         "phases": cap.phases,
         "seqs_per_pass": cap.rows[-1].get("seqs_per_pass"),
         "losses": [r["loss"] for r in cap.rows],
+        "step_times_s": [r["step_time_s"] for r in cap.rows],
+        "events": [m for k, m in cap.events if k in ("checkpoint", "warning")],
         "wall_s": wall,
     }
 
@@ -177,8 +181,8 @@ def section_streamed(out: Path) -> dict:
     spp = os.environ.get("SPP", "16")
     steps = int(os.environ.get("STEPS", "4"))
     acc = os.environ.get("ACC")
-    return _train_section("rtx3050-6gb", [f"runtime.seqs_per_pass={spp}", *_acc_sets()], steps,
-                          f"streamed-{acc or 'auto'}")
+    return _train_section(os.environ.get("PROFILE", "rtx3050-6gb"), [f"runtime.seqs_per_pass={spp}", *_acc_sets()],
+                          steps, f"streamed-{acc or 'auto'}")
 
 
 def section_p1b(out: Path) -> dict:

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Round 3's measurements in one call on a GPU machine (docs/benchmarks.md):
+#   bash bench/gpu_final.sh OUTDIR
+# CUDA engine tests; `ramgpt train --profile rtx3050-6gb` 8 steps with a background save at step 4;
+# the plain resident ceiling harness; the desktop-16gb low-RAM profile; torchrun with one rank on
+# NCCL; estimate-memory's projection on this machine.
+set -u
+out=$1
+res=$out/res
+mkdir -p "$res"
+log=$out/log-final.txt
+{ date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; nproc; df -h /tmp /dev/shm
+  python3 -c "import torch, ramtorch; print('torch', torch.__version__, 'ramtorch', ramtorch.__version__)"; } >>"$log" 2>&1
+run() {  # LIMIT CMD...
+  local limit=$1; shift
+  echo "== $*" >>"$log"
+  timeout "$limit" "$@" >>"$log" 2>&1
+  echo "rc=$?" >>"$log"
+}
+run 45 python3 -m pytest -q -p no:cacheprovider -x tests/test_engine.py
+run 110 env SPP=16 STEPS=8 SAVE=4 python3 bench/bench_engine.py streamed --out "$res" --tag=_final
+run 40 python3 bench/perf.py ceiling --out "$res"
+# the node-shared state needs ~17 GB of /dev/shm for the 1b; else keep the AdamW state on disk
+shm=$(df --output=avail -B1 /dev/shm | tail -1)
+extra=(); [ "$shm" -lt 18000000000 ] && extra=(-- --set runtime.optimizer_on_disk=true)
+run 80 python3 bench/bench_multi.py --gpus 1 --skip-single --steps 6 --out "$res/multi" "${extra[@]}"
+run 90 env PROFILE=desktop-16gb SPP=16 STEPS=6 python3 bench/bench_engine.py streamed --out "$res" --tag=_lowram
+timeout 25 python3 -m ramgpt estimate-memory --profile rtx3050-6gb --json >"$res/estimate-rtx3050.json" 2>>"$log"
+echo "estimate rc=$?" >>"$log"
+grep -h "^RESULT\|passed\|failed\|Error\|rc=" "$log" | cut -c1-900
