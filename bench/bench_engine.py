@@ -181,8 +181,9 @@ def section_streamed(out: Path) -> dict:
     spp = os.environ.get("SPP", "16")
     steps = int(os.environ.get("STEPS", "4"))
     acc = os.environ.get("ACC")
-    return _train_section(os.environ.get("PROFILE", "rtx3050-6gb"), [f"runtime.seqs_per_pass={spp}", *_acc_sets()],
-                          steps, f"streamed-{acc or 'auto'}")
+    prof = os.environ.get("PROFILE", "rtx3050-6gb")
+    return _train_section(prof, [f"runtime.seqs_per_pass={spp}", *_acc_sets()], steps,
+                          f"streamed-{prof}-{acc or 'auto'}-{os.getpid()}")  # a fresh run directory each time
 
 
 def section_p1b(out: Path) -> dict:

@@ -50,11 +50,15 @@ class NodeShare:
             raise ConfigError(next(p for p in problems if p))
         create = ctx.local_main
         self.arenas: dict[str, FileArena] = {}
+        def arena(k: str, create: bool) -> FileArena:
+            p, b = files[k]  # only the low-RAM mode's moments file on disk hands its pages back
+            return FileArena(p, b, create=create, release_pages=p.parent != shm_dir)
+
         if create:
-            self.arenas = {k: FileArena(p, b, create=True) for k, (p, b) in files.items()}
+            self.arenas = {k: arena(k, True) for k in files}
         comm.barrier()
         if not create:
-            self.arenas = {k: FileArena(p, b, create=False) for k, (p, b) in files.items()}
+            self.arenas = {k: arena(k, False) for k in files}
         comm.barrier()
         if create:  # every rank of the node maps them now: the names can go
             for p, _ in files.values():
