@@ -200,10 +200,15 @@ def setup_run(profile: Profile, *, resume: str | None, sinks: list | None, on_sa
     from ramgpt.tokenizer_train import ensure_tokenizer
 
     rt = profile.runtime
+    ctx = dist_from_env()
     if rt.threads:
         torch.set_num_threads(rt.threads)
+    elif ctx is not None:
+        # torchrun sets OMP_NUM_THREADS=1; the ranks of a node share its cores for the CPU optimizer
+        from ramgpt.probe import usable_cores
+
+        torch.set_num_threads(max(1, usable_cores() // ctx.local_world))
     torch.manual_seed(rt.seed)
-    ctx = dist_from_env()
     placement = _place(profile, ctx)
     comm = Comm(ctx, placement.device) if ctx is not None else None
     main = comm is None or comm.ctx.main
