@@ -170,6 +170,7 @@ def test_generate_needs_a_prompt_or_interactive(tmp_path):
     assert_one_error_line(invoke("generate", "-c", str(tmp_path)), "-p")
 
 
+@pytest.mark.slow
 def test_generate_corrupt_checkpoint_real_stderr_has_no_python_warning(tmp_path):
     """Outside pytest (which captures warnings), what a user actually sees."""
     run = _corrupt_run(tmp_path)
@@ -223,3 +224,80 @@ def test_estimate_memory_json_for_micro_test():
     assert r.exit_code == 0, r.output
     data = json.loads(r.stdout)
     assert isinstance(data, dict) and data
+
+
+@pytest.mark.slow
+def test_ctrl_c_exits_130_after_saving(tmp_path) -> None:
+    """Ctrl-C (SIGINT) in a plain run: a checkpoint of the step reached, one summary line, exit 130."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    proc = subprocess.Popen([sys.executable, "-m", "ramgpt", "train", "--profile", "micro-test", "--no-tui",
+                             "--max-steps", "100000", "--out-dir", "r"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    rows = tmp_path / "r" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (rows.exists() and rows.read_text().count("\n") >= 2):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    assert any(p.name.startswith("step_") for p in (tmp_path / "r").iterdir())
+    assert "interrupted:" in err and "Traceback" not in err
+
+
+def test_the_command_set_is_frozen() -> None:
+    """Adding, renaming or removing a command is a deliberate change: update this list with it."""
+    import typer.main
+
+    from ramgpt.cli import app
+
+    group = typer.main.get_command(app)
+    assert sorted(group.commands) == ["doctor", "estimate-memory", "export", "generate", "profiles", "prune-ckpt",
+                                      "push", "tokenizer", "train"]
+    assert sorted(group.commands["tokenizer"].commands) == ["stats", "train"]
+
+
+def test_version_and_help_read_like_a_manual() -> None:
+    from ramgpt import __version__
+    from ramgpt.cli import app
+
+    res = CliRunner().invoke(app, ["--version"])
+    assert res.exit_code == 0 and res.output.strip() == f"ramgpt {__version__}"
+    res = CliRunner().invoke(app, ["prune-ckpt", "--help"], env={"COLUMNS": "120"})
+    assert "RUN_DIR" in res.output and "{run_dir}" not in res.output
+    res = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "120"})
+    assert "<bool>" not in res.output and "<str>" not in res.output and "FIELD=VALUE" in res.output
+
+
+@pytest.mark.slow
+def test_prune_in_a_read_only_run_dir_is_one_line(tmp_path) -> None:
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-rm", "true"]).returncode != 0:
+        pytest.skip("no private mount namespace here")
+    run = tmp_path / "run"
+    res = CliRunner().invoke(app_for_tests(), ["train", "--profile", "micro-test", "--no-tui", "--max-steps", "4",
+                                               "--set", "checkpoint.save_interval_steps=2", "--out-dir", str(run)])
+    assert res.exit_code == 0, res.output
+    cmd = (f"mount --bind {run} {run} && mount -o remount,ro,bind {run} && "
+           f"exec {sys.executable} -m ramgpt prune-ckpt {run} --keep-last 1")
+    env = {"PYTHONPATH": str(Path(__file__).resolve().parent.parent), "PATH": "/usr/bin:/bin"}
+    out = subprocess.run(["unshare", "-rm", "sh", "-c", cmd], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 4, out.stderr
+    lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Read-only file system" in lines[0] and str(run) in lines[0]
+
+
+def app_for_tests():
+    from ramgpt.cli import app
+
+    return app

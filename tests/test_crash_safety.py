@@ -52,6 +52,8 @@ WRITER = textwrap.dedent(
     """
 )
 
+pytestmark = pytest.mark.slow  # real processes killed mid-save, real full disks
+
 
 def _child_env() -> dict[str, str]:
     env = dict(os.environ)

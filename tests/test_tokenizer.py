@@ -247,6 +247,7 @@ def test_train_byte_level_bpe_handles_unseen_text() -> None:
     assert tok.decode(tok.encode(unseen)) == unseen
 
 
+@pytest.mark.slow
 def test_build_script_reproduces_the_shipped_files() -> None:
     proc = subprocess.run(
         [sys.executable, str(REPO / "tools" / "build_tokenizer.py"), "--check"],
