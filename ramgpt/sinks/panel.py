@@ -346,6 +346,8 @@ class LivePanel:
         parts: list[Text | str] = []
         if (v := g("tokens_per_s")) is not None:
             parts.append(f"{fmt_count(v)} tok/s")
+        if (v := g("chars_per_s")) is not None:
+            parts.append(f"{fmt_count(v)} chars/s")
         if (v := g("mfu")) is not None:
             parts.append(f"MFU {fmt_pct(v * 100)}")
         if (v := g("step_time_s")) is not None:

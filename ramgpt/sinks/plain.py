@@ -48,6 +48,8 @@ class PlainSink:
             parts.append(f"gnorm {fmt_float(v, 2)}")
         if (v := g("tokens_per_s")) is not None:
             parts.append(f"{fmt_count(v)} tok/s")
+        if (v := g("chars_per_s")) is not None:
+            parts.append(f"{fmt_count(v)} chars/s")
         if (v := g("mfu")) is not None:
             parts.append(f"mfu {fmt_pct(v * 100)}")
         if (v := g("step_time_s")) is not None:

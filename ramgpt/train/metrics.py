@@ -65,7 +65,8 @@ class _Window:
 class MetricsLogger:
     def __init__(self, sink: Any, engine: Any, sysstats: Any, *, max_steps: int, log_interval: int,
                  flops_per_token: float, peak_flops: float | None, t_start: float, epoch_of: Any,
-                 comm: Any = None) -> None:
+                 comm: Any = None, chars_per_token: float | None = None) -> None:
+        self.chars_per_token = chars_per_token  # of the held-out documents: chars/s beside tokens/s
         self.comm = comm  # several ranks: rank 0's row also shows every rank's VRAM and the node's RAM
         self.sink = sink
         self.engine = engine
@@ -133,6 +134,9 @@ class MetricsLogger:
         }
         if eval_loss is not None:
             row["eval_loss"] = eval_loss
+        if self.chars_per_token:
+            row["chars_per_token"] = self.chars_per_token
+            row["chars_per_s"] = row["tokens_per_s"] * self.chars_per_token
         if self.peak:
             row["mfu"] = self.fpt * w.tokens / dt / self.peak
         row.update(transfer_metrics(self.prev_counters, counters, w.steps, dt))

@@ -259,6 +259,7 @@ def setup_run(profile: Profile, *, resume: str | None, sinks: list | None, on_sa
         phase("reading the data")
         data = TokenBatches(profile.data, tokenizer, "train", profile.optim.micro_batch_size, profile.data.seed)
         eval_set = eval_batches(profile.data, tokenizer, profile.logging.eval_batches, profile.optim.micro_batch_size)
+        chars_per_token = _chars_per_token(profile, tokenizer)
         phase("building the model")
         model = build_gpt(profile.model, rt.loss_chunk_tokens)  # the same weights on every rank (one seed)
         phase("placing the weights" + (" in pinned CPU RAM" if placement.engine == "streamed" else ""))
@@ -296,7 +297,7 @@ def setup_run(profile: Profile, *, resume: str | None, sinks: list | None, on_sa
         out, engine, sysstats, max_steps=profile.optim.max_steps, log_interval=profile.logging.log_interval,
         flops_per_token=flops_per_token(profile.model, profile.data.seq_len),  # model FLOPs: no recompute
         peak_flops=peak_flops(placement.device, gpu.name if gpu else None), t_start=t_start,
-        epoch_of=lambda: data.epoch + 1, comm=comm,
+        epoch_of=lambda: data.epoch + 1, comm=comm, chars_per_token=chars_per_token,
     )
     checkpointer = Checkpointer(
         run_dir.path, profile.checkpoint, engine, tokenizer,
@@ -307,6 +308,21 @@ def setup_run(profile: Profile, *, resume: str | None, sinks: list | None, on_sa
     evaluator = Evaluator(engine, eval_set, profile.logging.eval_interval, profile.optim.max_steps, comm=comm)
     return Run(profile, placement, run_dir, out, engine, data, evaluator, checkpointer, metrics, state, schedule,
                Snapshot(data.state_dict(), ckpt.capture_rng_state()), sysstats, notices, comm=comm)
+
+
+def _chars_per_token(profile: Profile, tokenizer: Any, docs: int = 64) -> float | None:
+    """Characters per token of the tokenizer on the held-out documents: the panel shows how much
+    text a second of training reads (a tokenizer built for Japanese packs ~2x gpt2's; #16)."""
+    import itertools
+
+    from ramgpt.data import documents
+    from ramgpt.tokenizer_stats import measure
+
+    try:
+        stats = measure(tokenizer, itertools.islice(documents(profile.data, "eval"), docs))
+    except RamgptError:
+        return None
+    return stats.chars_per_token if stats.tokens else None
 
 
 def _check_run_dir(profile: Profile, run_dir: RunDir, resume: str | None) -> None:
