@@ -104,6 +104,7 @@ class Engine:
         self.compute_dtype = _DTYPES[precision]
         self.cfg = optim_cfg
         self.vram_budget_b = vram_budget_b
+        self.comm: Any = None  # ramgpt.dist.Comm when one of several ranks (set by the subclasses)
         self.scaler = LossScaler(enabled=precision == "fp16")
         self.params = [p for g in model.param_groups(0.0) for p in g["params"]]
         self.optimizer: torch.optim.AdamW  # set by subclasses once masters are placed
@@ -128,6 +129,8 @@ class Engine:
             loss_sum = part if loss_sum is None else loss_sum + part
         report = self.optimizer_step(lr, n_tokens or y.numel())
         report.loss_sum = float(loss_sum) if loss_sum is not None else 0.0
+        if self.comm is not None:  # several ranks: the global batch's loss
+            report.loss_sum = self.comm.sum_floats(report.loss_sum)[0]
         return report
 
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor, last_pass: bool = False) -> torch.Tensor:

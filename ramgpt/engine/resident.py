@@ -61,12 +61,6 @@ class ResidentEngine(Engine):
                 bucket, size = [], 0
         self._comm_s += time.perf_counter() - t0
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float, n_tokens: int | None = None):
-        report = super().train_step(x, y, lr, n_tokens)
-        if self.comm is not None:
-            report.loss_sum = self.comm.sum_floats(report.loss_sum)[0]
-        return report
-
     def counters(self) -> dict[str, float]:
         out = super().counters()
         if self.comm is not None:

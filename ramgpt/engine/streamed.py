@@ -395,12 +395,6 @@ class StreamedEngine(Engine):
             self._refresh_chunk(idx)
         self.om.invalidate_residency()
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float, n_tokens: int | None = None) -> StepReport:
-        report = super().train_step(x, y, lr, n_tokens)
-        if self.comm is not None:
-            report.loss_sum = self.comm.sum_floats(report.loss_sum)[0]
-        return report
-
     def counters(self) -> dict[str, float]:
         out = super().counters()
         self.h2d.harvest()
