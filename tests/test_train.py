@@ -282,6 +282,8 @@ class _Progress:
         if "phase" in quick:  # start-up phases (step 0) are announced through progress too
             self.phases.append(quick["phase"])
             return
+        if "saving" in quick:  # a save in progress
+            return
         assert quick["tokens_seen"] == step * 1024 and quick["eta_s"] >= 0
         self.progressed.append(step)
 
