@@ -140,7 +140,9 @@ def test_no_cuda_says_cpu(real_results):
 
 
 @pytest.mark.slow
-def test_unreachable_hub_is_a_warning(real_results):
+def test_the_hub_check_never_blocks(real_results):
+    """On this machine the Hub may or may not answer; either way it is not a blocking failure
+    (an unreachable Hub is a warning with its reason: test_hub_check_uses_the_shared_probe)."""
     results, _ = real_results
     hub = _check(results, "Hub reachable")
     assert hub.status in ("ok", "warn") and not hub.blocking

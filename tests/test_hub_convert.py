@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers  # noqa: E402 - a hard dependency
 
 from ramgpt.config import load_profile
 from ramgpt.errors import CheckpointError
@@ -18,8 +19,6 @@ from ramgpt.hub import (
     to_hf_state_dict,
 )
 from ramgpt.model import GPT
-
-transformers = pytest.importorskip("transformers")
 
 
 def small_profile(*sets: str):

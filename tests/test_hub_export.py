@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers  # noqa: E402 - a hard dependency
 import yaml
 from test_hub_convert import random_model, small_profile
 
@@ -21,8 +22,6 @@ from ramgpt.checkpoint import save_checkpoint
 from ramgpt.errors import CheckpointError
 from ramgpt.hub import export_hf, model_card
 from ramgpt.model import GPT
-
-transformers = pytest.importorskip("transformers")
 
 EOS = "<|endoftext|>"
 
@@ -122,7 +121,7 @@ def test_export_tokenizer_loads_with_autotokenizer(tmp_path):
 
 def ramgpt_tokenizer(kind: str):
     """A real ramgpt TextTokenizer: a tiny byte-level BPE trained here, or the embedded one."""
-    tokmod = pytest.importorskip("ramgpt.tokenizer")
+    import ramgpt.tokenizer as tokmod
     if kind == "trained":
         texts = ["Hello world, ramgpt は GPT-2 を学習します。", "今日は良い天気です。 The weather is nice."] * 20
         return tokmod.train_byte_level_bpe(texts, vocab_size=320, min_frequency=1, name="tiny")

@@ -9,12 +9,11 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers  # noqa: E402 - a hard dependency
 
 from ramgpt.config import ModelConfig
 from ramgpt.hub import to_hf_state_dict
 from ramgpt.model import GPT, IGNORE_INDEX, count_parameters_by_component
-
-transformers = pytest.importorskip("transformers")
 
 V, T = 96, 32
 

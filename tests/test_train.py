@@ -219,7 +219,6 @@ def test_background_push_sends_weights_not_optimizer_and_deletes_rotated(tmp_pat
 
 
 def test_wandb_offline_run_id_survives_resume(tmp_path: Path, monkeypatch) -> None:
-    pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_API_KEY", "wandb_secret_key_never_written_0123456789")
