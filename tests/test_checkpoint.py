@@ -370,3 +370,28 @@ def test_resave_fallback_killed_between_its_two_renames_leaves_the_step_loadable
     assert loaded.step == 5 and loaded.meta["v"] == 1 and torch.equal(loaded.model_state["w"], torch.zeros(3))
     assert any("recovered step_0000005" in str(w.message) for w in caught)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_0000005"]
+
+
+@pytest.mark.slow
+def test_a_checkpoint_written_before_the_restructuring_resumes(tmp_path: Path) -> None:
+    """tests/data/main-2026-11-28/step_0000004 was written by main at f9f9be5 (a tiny micro-test,
+    6 steps, saved at 4): today's code resumes it and logs that run's losses for steps 5 and 6."""
+    import shutil
+
+    from ramgpt.config import load_profile
+    from ramgpt.train import train
+
+    data = Path(__file__).resolve().parent / "data" / "main-2026-11-28"
+    expected = json.loads((data / "expected.json").read_text())
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copytree(data / "step_0000004", run / "step_0000004")
+    prof = load_profile("micro-test", [*expected["sets"], "optim.max_steps=6", "logging.tui=off",
+                                       f"checkpoint.out_dir={run}"], use_env=False)
+    res = train(prof, resume="latest")
+    assert res.steps == 6
+    rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    got = {r["step"]: r["loss"] for r in rows}
+    assert sorted(got) == [5, 6]
+    for step in (5, 6):
+        assert got[step] == pytest.approx(expected["losses"][str(step)], rel=1e-5), step

@@ -331,3 +331,15 @@ def test_cpu_measurement_projects_a_cpu_run(monkeypatch):
 def test_no_time_unless_asked():
     est = M.estimate(load_profile("1b", use_env=False), vram_gib=6, detect=False)
     assert est.time is None and est.to_dict()["time"] is None
+
+
+def test_short_ram_recommends_the_low_ram_mode_and_it_shows_its_disk_traffic() -> None:
+    from ramgpt.config import load_profile
+    from ramgpt.memory import estimate
+
+    est = estimate(load_profile("rtx3050-6gb", use_env=False), vram_gib=6, ram_gib=15, detect=False)
+    assert est.fits_ram is False
+    assert any("runtime.optimizer_on_disk=true" in a for a in est.advice)
+    low = estimate(load_profile("desktop-16gb", use_env=False), vram_gib=6, ram_gib=15, detect=False)
+    assert low.fits_ram is True
+    assert any("low-RAM mode" in n and "GB of disk traffic per step" in n for n in low.notes)

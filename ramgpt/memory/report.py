@@ -212,7 +212,15 @@ def _advice(
             out.append(f"this model needs more than {gib1(vram)} of VRAM even with one sequence: use a smaller model")
     if fits_ram is False and ram is not None:
         msg = f"need {gib1(cpu_bytes)} RAM, have {gib1(ram)}"
-        if device != "cpu" and engine == "streamed":
+        if device != "cpu" and engine == "streamed" and not rt.optimizer_on_disk:
+            # the low-RAM mode keeps the AdamW state (8 bytes per parameter) in a file instead
+            seqs = gpu.seqs if gpu is not None else 1
+            low = _total(_cpu_terms(_with(profile, "runtime", optimizer_on_disk=True), engine, device, seqs, a))
+            if low <= ram:
+                out.append(f"{msg}: set runtime.optimizer_on_disk=true (the desktop-16gb profile) to keep AdamW's state "
+                           f"on disk: {gib1(low)} of RAM")
+                msg = ""
+        if msg and device != "cpu" and engine == "streamed":
             seqs = gpu.seqs if gpu is not None else 1
             layers = _largest(
                 lambda L: _total(_cpu_terms(_with(profile, "model", n_layer=L), engine, device, seqs, a)) <= ram,
@@ -222,11 +230,12 @@ def _advice(
                 msg += f": lower model.n_layer to {layers}, or close other programs"
             else:
                 msg += ": use a smaller model"
-        elif device != "cpu" and engine == "resident":
+        elif msg and device != "cpu" and engine == "resident":
             msg += ": most of it is the checkpoint copy of the model + AdamW state; free RAM before saving"
-        else:
+        elif msg:
             msg += ": use a smaller model or a smaller micro-batch"
-        out.append(msg)
+        if msg:
+            out.append(msg)
     if disk_free is not None and disk.worst_case > disk_free:
         keep = max(1, disk_free // max(1, disk.per_checkpoint) - 2)
         out.append(
@@ -426,6 +435,13 @@ def estimate(
     seqs = spp if spp else profile.optim.micro_batch_size
     mem_engine = engine if device == "cuda" else "resident"
     cpu_terms = _cpu_terms(profile, mem_engine, device, seqs, a, gpus)
+    if rt.optimizer_on_disk and mem_engine == "streamed":
+        n_params = _param_counts(profile.model)["total"]
+        notes.append(
+            f"low-RAM mode: AdamW's state is a {gib1(8 * n_params)} file ({rt.optimizer_dir or 'the run directory'}); "
+            f"each step reads and writes it once: {16 * n_params / 1e9:.1f} GB of disk traffic per step when it is not "
+            f"in the page cache ({16 * n_params / 2e9:.0f} s at 2 GB/s)"
+        )
     if gpus > 1:
         notes.append(f"{gpus} GPUs: the VRAM figures are per GPU, the RAM is the node's; each GPU trains "
                      f"{profile.optim.seqs_per_step // gpus} of the {profile.optim.seqs_per_step} sequences of a step "
