@@ -207,7 +207,7 @@ def _assert_cpu_panel(screen: str, max_steps: int) -> tuple[int, float]:
     assert re.search(r"elapsed \d+:\d\d:\d\d", row["progress"]) and "ETA " in row["progress"], row["progress"]
     assert re.search(r"\btokens [\d.]+[kMB]?\b", row["progress"]), row["progress"]
     assert re.search(r"\blr \d\.\d\de-\d\d\b", row["learning"]) and "grad norm " in row["learning"], row["learning"]
-    assert re.search(r"^[\d.]+k? tok/s  ·  \d+\.\d\d s/step  ·  optimizer ", row["speed"]), row["speed"]
+    assert re.search(r"^[\d.]+k? tok/s  ·  ([\d.]+k? chars/s  ·  )?\d+\.\d\d s/step  ·  optimizer ", row["speed"]), row["speed"]
     assert "MFU" not in row["speed"], row["speed"]  # no peak FLOPs for a CPU
     # A CPU run says so instead of showing zeros for GPU and transfer numbers.
     assert row["GPU"] == "CPU run — no GPU", row["GPU"]
