@@ -352,11 +352,13 @@ class LivePanel:
             parts.append(f"MFU {fmt_pct(v * 100)}")
         if (v := g("step_time_s")) is not None:
             parts.append(f"{fmt_float(v, 2)} s/step")
-        opt_t, share = g("optimizer_time_s"), g("optimizer_share")
+        opt_t, share, exposed = g("optimizer_time_s"), g("optimizer_share"), g("optimizer_exposed_s")
         if opt_t is not None or share is not None:
             s = "optimizer"
             if opt_t is not None:
                 s += f" {fmt_float(opt_t, 2)} s"
+            if exposed is not None:  # the streamed engine's update overlaps the next forward
+                s += f", {fmt_float(exposed, 2)} s exposed"
             if share is not None:
                 s += f" ({fmt_pct(share * 100)} of step)"
             parts.append(s)
