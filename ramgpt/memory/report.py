@@ -217,25 +217,24 @@ def _advice(
             seqs = gpu.seqs if gpu is not None else 1
             low = _total(_cpu_terms(_with(profile, "runtime", optimizer_on_disk=True), engine, device, seqs, a))
             if low <= ram:
-                out.append(f"{msg}: set runtime.optimizer_on_disk=true (the desktop-16gb profile) to keep AdamW's state "
-                           f"on disk: {gib1(low)} of RAM")
-                msg = ""
-        if msg and device != "cpu" and engine == "streamed":
+                msg += (f": set runtime.optimizer_on_disk=true (the desktop-16gb profile) to keep AdamW's state on disk "
+                        f"({gib1(low)} of RAM); or")
+        if device != "cpu" and engine == "streamed":
             seqs = gpu.seqs if gpu is not None else 1
             layers = _largest(
                 lambda L: _total(_cpu_terms(_with(profile, "model", n_layer=L), engine, device, seqs, a)) <= ram,
                 profile.model.n_layer,
             )
+            sep = " " if msg.endswith("; or") else ": "
             if layers >= 1:
-                msg += f": lower model.n_layer to {layers}, or close other programs"
+                msg += f"{sep}lower model.n_layer to {layers}, or close other programs"
             else:
-                msg += ": use a smaller model"
-        elif msg and device != "cpu" and engine == "resident":
+                msg += f"{sep}use a smaller model"
+        elif device != "cpu" and engine == "resident":
             msg += ": most of it is the checkpoint copy of the model + AdamW state; free RAM before saving"
-        elif msg:
+        else:
             msg += ": use a smaller model or a smaller micro-batch"
-        if msg:
-            out.append(msg)
+        out.append(msg)
     if disk_free is not None and disk.worst_case > disk_free:
         keep = max(1, disk_free // max(1, disk.per_checkpoint) - 2)
         out.append(
