@@ -225,11 +225,11 @@ class Engine:
 
     def _state_for(self, p: nn.Parameter) -> dict[str, torch.Tensor]:
         """The AdamW state of ``p``, created as torch's fused AdamW would (zeros) when absent."""
+        from ramgpt.engine.chunked_adamw import new_adamw_state
+
         st = self.optimizer.state[p]
         if not st:
-            st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-            st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            st.update(new_adamw_state(p))
         return st
 
     @torch.no_grad()

@@ -32,6 +32,17 @@ import torch.nn as nn
 from ramgpt.engine.hostmem import FileArena
 
 
+def new_adamw_state(p: nn.Parameter, moments: FileArena | None = None) -> dict[str, torch.Tensor]:
+    """What ``torch.optim.AdamW(fused=True)`` creates for ``p`` on its first step: a float32 step
+    counter and zero moments (in ``moments``' memory-mapped file when given: a fresh file reads 0)."""
+    if moments is not None:
+        avg, avg_sq = moments.take(p.shape, p.dtype), moments.take(p.shape, p.dtype)
+    else:
+        avg = torch.zeros_like(p, memory_format=torch.preserve_format)
+        avg_sq = torch.zeros_like(p, memory_format=torch.preserve_format)
+    return {"step": torch.zeros((), dtype=torch.float32, device=p.device), "exp_avg": avg, "exp_avg_sq": avg_sq}
+
+
 class ChunkedAdamW:
     def __init__(self, optimizer: torch.optim.AdamW, chunks: Sequence[Sequence[nn.Parameter]],
                  moments: FileArena | None = None, update: Sequence[int] | None = None):
@@ -58,14 +69,8 @@ class ChunkedAdamW:
     # -- state -----------------------------------------------------------------------------------
     def _ensure_state(self, p: nn.Parameter) -> dict:
         st = self.opt.state[p]
-        if not st:  # what torch.optim.Adam initialises for fused=True (a fresh moments file reads zeros)
-            st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-            if self.moments is not None:
-                st["exp_avg"] = self.moments.take(p.shape, p.dtype)
-                st["exp_avg_sq"] = self.moments.take(p.shape, p.dtype)
-            else:
-                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if not st:
+            st.update(new_adamw_state(p, self.moments))
         return st
 
     def ensure_all_states(self, step_arena: FileArena | None = None) -> None:

@@ -9,6 +9,7 @@ the views as pinned (``is_pinned()``), so nothing pins them again.
 
 from __future__ import annotations
 
+import mmap
 import os
 import warnings
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 
 ALIGN = 64  # bytes: covers every dtype's element size and the CPU's vector loads
+PAGE = mmap.PAGESIZE  # memory-mapped tensors start on a page, so releasing one never drops a neighbour
 
 
 def aligned(nbytes: int, align: int = ALIGN) -> int:
@@ -96,10 +98,8 @@ class FileArena:
         ``release_pages``: hand pages back after use (a file on disk; not for /dev/shm, whose pages
         are RAM either way: dropping them from the mapping only costs page faults, 0.4 s per 1b step)."""
         self.release_pages = release_pages
-        import mmap
-
         self.path = Path(path)
-        self.nbytes = max(aligned(nbytes, mmap.PAGESIZE), mmap.PAGESIZE)
+        self.nbytes = max(aligned(nbytes, PAGE), PAGE)
         if create:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "w+b" if create else "r+b") as f:
@@ -109,7 +109,7 @@ class FileArena:
                                 prot=mmap.PROT_READ | mmap.PROT_WRITE)
         self.buf = torch.frombuffer(self.mm, dtype=torch.uint8)
         self.off = 0
-        self._page = mmap.PAGESIZE
+        self._page = PAGE
 
     def take(self, shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         n = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
@@ -129,14 +129,10 @@ class FileArena:
         return start - start % self._page, length
 
     def release(self, t: torch.Tensor) -> None:
-        import mmap
-
         if self.release_pages and self.contains(t):
             self.mm.madvise(mmap.MADV_DONTNEED, *self._range(t))
 
     def prefetch(self, t: torch.Tensor) -> None:
-        import mmap
-
         if self.contains(t):
             self.mm.madvise(mmap.MADV_WILLNEED, *self._range(t))
 

@@ -15,16 +15,10 @@ from pathlib import Path
 import torch
 
 from ramgpt.dist import Comm
-from ramgpt.engine.hostmem import FileArena
+from ramgpt.engine.hostmem import PAGE, FileArena, aligned
 from ramgpt.errors import ConfigError
 
 SHM_DIR = Path("/dev/shm")
-PAGE = 4096
-
-
-def page_aligned(nbytes: int) -> int:
-    return -(-nbytes // PAGE) * PAGE
-
 
 class NodeShare:
     def __init__(self, comm: Comm, *, masters_b: int, copies_b: int, moments_b: int, n_chunks: int,
@@ -39,7 +33,7 @@ class NodeShare:
         }
         problem = ""
         if ctx.local_main:
-            in_shm = sum(page_aligned(b) for p, b in files.values() if p.parent == shm_dir)
+            in_shm = sum(aligned(b, PAGE) for p, b in files.values() if p.parent == shm_dir)
             free = shutil.disk_usage(shm_dir).free if shm_dir.is_dir() else 0
             if free < in_shm:
                 problem = (f"{shm_dir} has {free / 2**30:.1f} GiB free but this node's shared training state needs "

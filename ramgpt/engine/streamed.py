@@ -33,8 +33,8 @@ from ramgpt.dist import Comm, chunk_owners
 from ramgpt.engine.base import Engine, StepReport, make_optimizer, release_freed_heap
 from ramgpt.engine.chunked_adamw import ChunkedAdamW
 from ramgpt.engine.gradpath import DeviceGradPath, HostGradPath
-from ramgpt.engine.hostmem import FileArena, HostArena, aligned
-from ramgpt.engine.nodeshare import PAGE, NodeShare, page_aligned
+from ramgpt.engine.hostmem import PAGE, FileArena, HostArena, aligned
+from ramgpt.engine.nodeshare import NodeShare
 from ramgpt.engine.offload import offload_model_class
 from ramgpt.model import GPT
 from ramgpt.placement import resolve_grad_accum
@@ -194,7 +194,7 @@ class StreamedEngine(Engine):
         if self.share is not None:
             self.moments = self.share.moments
         elif moments_file is not None:
-            per = [aligned(p.numel() * 4, 4096) * 2 for p in self.params]
+            per = [aligned(p.numel() * 4, PAGE) * 2 for p in self.params]
             self.moments = FileArena(moments_file, sum(per))
         self.adamw = ChunkedAdamW(self.optimizer, self._owned, self.moments,
                                   update=[i for i, m in enumerate(self._mine) if m])
@@ -221,10 +221,10 @@ class StreamedEngine(Engine):
         memory; the masters become views of it (the node's first rank writes their values)."""
         comm = self.comm
         assert comm is not None
-        masters_b = sum(page_aligned(p.numel() * 4) for p in self.params)
-        copies_b = sum(page_aligned(p.numel() * self.compute_dtype.itemsize) for c in self.masters
+        masters_b = sum(aligned(p.numel() * 4, PAGE) for p in self.params)
+        copies_b = sum(aligned(p.numel() * self.compute_dtype.itemsize, PAGE) for c in self.masters
                        for p in c.parameters())
-        moments_b = sum(2 * page_aligned(p.numel() * 4) + PAGE for p in self.params)
+        moments_b = sum(2 * aligned(p.numel() * 4, PAGE) + PAGE for p in self.params)
         self.share = NodeShare(comm, masters_b=masters_b, copies_b=copies_b, moments_b=moments_b,
                                n_chunks=len(sizes), moments_dir=moments_file.parent if moments_file else None)
         with torch.no_grad():
