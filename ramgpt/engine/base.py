@@ -177,6 +177,8 @@ class Engine:
                 out["vram_budget_b"] = self.vram_budget_b
         return out
 
+    shared_b = 0  # bytes of training state shared by a node's ranks (the streamed engine's /dev/shm files)
+
     def wait_optimizer(self) -> None:
         """Every update started so far is done (engines whose updates run in the background wait here)."""
 

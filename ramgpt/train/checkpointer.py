@@ -122,8 +122,8 @@ class Checkpointer:
     def maybe_save(self, state: TrainState, snapshot: Snapshot) -> Path | None:
         self.poll()
         due = self.due(state.step)
-        if self.comm is not None:
-            due = self.comm.broadcast_object(due)
+        if self.comm is not None and self.cfg.save_interval_minutes is not None:
+            due = self.comm.broadcast_object(due)  # rank 0's clock decides (steps agree on every rank)
         return self.save(state, snapshot, "interval") if due else None
 
     # -- saving ------------------------------------------------------------------------------

@@ -93,7 +93,7 @@ class MetricsLogger:
 
         comm_s = counters.get("comm_s_total", 0.0) - self.prev_counters.get("comm_s_total", 0.0)
         mine = {"vram": counters.get("vram_peak_reserved_b", 0), "ram": private_rss(), "comm_s": comm_s,
-                "node": self.comm.ctx.node, "shared": getattr(self.engine, "shared_b", 0)}
+                "node": self.comm.ctx.node, "shared": self.engine.shared_b}
         ranks = self.comm.gather_objects(mine)
         row["ranks"] = len(ranks)
         row["vram_peak_reserved_b_ranks"] = [r["vram"] for r in ranks]

@@ -23,7 +23,7 @@ from ramgpt.errors import CheckpointError, ConfigError, OutOfMemoryError, Ramgpt
 from ramgpt.fmt import first_line
 from ramgpt.memory.timing import flops_per_token
 from ramgpt.placement import Placement, decide
-from ramgpt.probe import probe_machine
+from ramgpt.probe import Machine, probe_machine
 from ramgpt.schedule import Schedule, resume_schedule
 from ramgpt.train.checkpointer import Checkpointer, SaveContext, SavedHook
 from ramgpt.train.evaluator import Evaluator
@@ -110,8 +110,7 @@ def oom_message(profile: Profile, engine: Any, step: int) -> str:
     return f"CUDA out of memory at step {step + 1}{cap}: lower {lower}{predicted}; saved checkpoints are intact"
 
 
-def _place(profile: Profile, ctx: DistContext | None) -> Placement:
-    machine = probe_machine()
+def _place(profile: Profile, ctx: DistContext | None, machine: Machine) -> Placement:
     if ctx is not None and machine.cuda and profile.runtime.device in ("auto", "cuda"):
         # one process per GPU: this rank's GPU is its local rank's
         if ctx.local_rank >= len(machine.gpus):
@@ -127,13 +126,13 @@ def _place(profile: Profile, ctx: DistContext | None) -> Placement:
     return placement
 
 
-def _same_everywhere(comm: Comm, profile: Profile, placement: Placement) -> None:
+def _same_everywhere(comm: Comm, profile: Profile, placement: Placement, machine: Machine) -> None:
     """One-line errors, on every rank, for a job whose ranks disagree or cannot run the profile."""
     import hashlib
     import json
 
     mine = hashlib.sha256(json.dumps(profile.to_public_dict(), sort_keys=True).encode()).hexdigest()
-    gpu = probe_machine().gpu(placement.device)
+    gpu = machine.gpu(placement.device)
     short = ""
     if gpu is not None and profile.runtime.vram_budget_gib and gpu.total_b < profile.runtime.vram_budget_gib * 2**30:
         short = (f"rank {comm.ctx.rank}'s GPU ({gpu.name}, {gpu.total_b / 2**30:.1f} GiB) is smaller than "
@@ -209,13 +208,14 @@ def setup_run(profile: Profile, *, resume: str | None, sinks: list | None, on_sa
 
         torch.set_num_threads(max(1, usable_cores() // ctx.local_world))
     torch.manual_seed(rt.seed)
-    placement = _place(profile, ctx)
+    machine = probe_machine()
+    placement = _place(profile, ctx, machine)
     comm = Comm(ctx, placement.device) if ctx is not None else None
     main = comm is None or comm.ctx.main
     run_dir = RunDir(profile.run_dir, lock=main)
     try:
         if comm is not None:
-            _same_everywhere(comm, profile, placement)
+            _same_everywhere(comm, profile, placement, machine)
         _on_main(comm, run_dir.open)  # created, writable, locked (rank 0)
         # rank 0 trains the tokenizer when the profile asks; the others then load the saved one
         tokenizer = _on_main(comm, lambda: ensure_tokenizer(profile, run_dir.path))
@@ -292,7 +292,7 @@ def setup_run(profile: Profile, *, resume: str | None, sinks: list | None, on_sa
     phase("first step" if state.step < profile.optim.max_steps else None)
 
     sysstats = SystemStats(placement.device, vram_budget_b=placement.vram_budget_b)
-    gpu = probe_machine().gpu(placement.device)
+    gpu = machine.gpu(placement.device)
     metrics = MetricsLogger(
         out, engine, sysstats, max_steps=profile.optim.max_steps, log_interval=profile.logging.log_interval,
         flops_per_token=flops_per_token(profile.model, profile.data.seq_len),  # model FLOPs: no recompute
