@@ -35,7 +35,6 @@ import codecs
 import functools
 import itertools
 import json
-import os
 import random
 import warnings
 from collections import deque
@@ -50,7 +49,7 @@ import torch
 from ramgpt.config import DataConfig
 from ramgpt.errors import DataError
 from ramgpt.fmt import first_line
-from ramgpt.probe import hub_reachable
+from ramgpt.probe import hub_offline, hub_reachable
 from ramgpt.tokenizer import TextTokenizer
 
 EMBEDDED_CORPUS_DIR = Path(__file__).resolve().parent / "assets" / "corpus"
@@ -58,7 +57,6 @@ STATE_VERSION = 1
 _ENCODE_CHUNK = 32  # documents tokenized per encode_batch call
 _JSON_SUFFIXES = (".json", ".jsonl", ".ndjson")
 _COMPRESSION_SUFFIXES = ("", ".gz", ".bz2", ".xz", ".zst")
-_TRUE = {"1", "on", "yes", "true"}
 # A text file is refused when its first _SNIFF_BYTES hold a NUL byte or more than
 # _MAX_UNDECODABLE of them are not UTF-8: /bin/ls has NULs in its first bytes, UTF-16 text has a NUL
 # in every other byte, while a UTF-8 file with a few stray Latin-1 bytes stays far below 10 % and is
@@ -326,10 +324,6 @@ def check_text_file(path: Path) -> int:
     return bad
 
 
-def _env_true(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in _TRUE
-
-
 def load_streaming_dataset(cfg: DataConfig, split: str) -> Any:
     """The one ``datasets.load_dataset(..., streaming=True)`` call behind json, parquet and hub.
 
@@ -350,7 +344,7 @@ def load_streaming_dataset(cfg: DataConfig, split: str) -> Any:
             "download it once (hf download REPO --repo-type dataset --local-dir DIR) and set data.dataset_name "
             "to DIR, or use data.source: text (a .txt file or directory) or json/parquet with a local data.path"
         )
-        if _env_true("HF_HUB_OFFLINE") or _env_true("HF_DATASETS_OFFLINE"):
+        if hub_offline(("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
             raise DataError(f"cannot stream {what}: offline mode is set (HF_HUB_OFFLINE); {hint}")
         if not hub_reachable():
             raise DataError(f"cannot stream {what}: the Hugging Face Hub cannot be reached; {hint}")

@@ -308,9 +308,10 @@ def hub_endpoint() -> str:
 _TRUE = ("1", "true", "yes", "on")
 
 
-def hub_offline() -> bool:
-    """Offline mode is set (``HF_HUB_OFFLINE`` or ``TRANSFORMERS_OFFLINE``)."""
-    return any(os.environ.get(v, "").strip().lower() in _TRUE for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+def hub_offline(variables: tuple[str, ...] = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")) -> bool:
+    """Offline mode is set: one of ``variables`` is true (the datasets library has its own,
+    ``HF_DATASETS_OFFLINE``)."""
+    return any(os.environ.get(v, "").strip().lower() in _TRUE for v in variables)
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from typing import Any
 
 from ramgpt.errors import TokenizerError
 from ramgpt.fmt import first_line
-from ramgpt.probe import hub_reachable
+from ramgpt.probe import hub_offline, hub_reachable
 
 EMBEDDED_TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "tokenizer"
 EOS_TOKEN = "<|endoftext|>"
@@ -51,7 +51,6 @@ SPLIT_PATTERN = (
 # Hub ids are `name` or `owner/name`; anything else that does not exist is a mistyped path.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?$")
 _EOS_CANDIDATES = (EOS_TOKEN, "</s>", "<eos>", "<|end_of_text|>", "<|eot_id|>")
-_TRUE = {"1", "on", "yes", "true"}
 _FINGERPRINT_PROBE = "Hello world, it's 2024. 今日は東京タワーへ行った。カタカナとひらがな、😀 <|endoftext|> end."
 
 
@@ -326,10 +325,6 @@ def _wrap_transformers(hf: Any, name: str) -> TextTokenizer:
     return TextTokenizer(backend, int(eos_id), name, hf_tokenizer=hf)
 
 
-def _env_true(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in _TRUE
-
-
 def _offline_message(spec: str, reason: str) -> str:
     # Command-neutral: this is raised for train (profile field) and generate (option) alike, so it
     # names the profile field and the exact spelling for each command (tests/test_tokenizer.py checks
@@ -351,7 +346,7 @@ def _load_from_hub(spec: str) -> TextTokenizer:
     except Exception:
         hf = None
     if hf is None:
-        if _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE"):
+        if hub_offline():
             raise TokenizerError(_offline_message(spec, "HF_HUB_OFFLINE is set"))
         if not hub_reachable():
             raise TokenizerError(_offline_message(spec, "the Hub cannot be reached"))
