@@ -210,6 +210,22 @@ class RuntimeConfig(_Section):
         "1b) in a memory-mapped file, paged in chunk by chunk for each update, instead of RAM. Lossless; costs disk "
         "traffic of 16 bytes per parameter per step (docs/design.md).",
     )
+    optimizer_gpu_share: float = Field(
+        0.4,
+        ge=0.0,
+        le=1.0,
+        description="Streamed engine on CUDA: share of the parameters whose AdamW update the GPU does (their fp32 "
+        "masters, gradients and moments stream through it beside the CPU's update of the rest, with the same fused "
+        "AdamW), so less of the update shows between steps; 0: all on the CPU. Not with the low-RAM mode, "
+        "grad_accum=host or several GPUs.",
+    )
+    host_bf16_copies: bool = Field(
+        False,
+        description="Streamed engine: keep page-locked bf16 copies of the weights (2 bytes per parameter of RAM, "
+        "2.2 GB for the 1b) for the GPU to load, refreshed after each update, instead of loading the fp32 masters "
+        "and casting them on the GPU. Halves the weights' link traffic: faster only where the link, not the GPU, "
+        "limits a pass (an H200 with a 5 GiB budget: docs/benchmarks.md); one process only.",
+    )
     optimizer_dir: str | None = Field(
         None, description="Where the low-RAM mode's moments file goes (default: the run directory); use a fast local disk."
     )

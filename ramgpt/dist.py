@@ -1,7 +1,7 @@
 """Several processes, one per GPU, launched by ``torchrun`` (or ``ramgpt train --gpus N``, which
 starts torchrun): who this process is, and the collectives training needs.
 
-Layout (docs/design.md, "Several GPUs"): on each node, the fp32 masters, the bf16 copies and the
+Layout (docs/design.md, "Several GPUs"): on each node, the fp32 masters (which every GPU loads) and the
 AdamW state live once, in ``/dev/shm`` files shared by the node's ranks; each chunk of the model has
 an owner among the node's ranks (:func:`chunk_owners`). Every rank streams every chunk and
 back-propagates its share of the global batch; each chunk's gradients are summed onto the chunk's

@@ -120,6 +120,6 @@ def test_too_little_shared_memory_is_one_line(tmp_path: Path, monkeypatch: pytes
             return [obj, ""]
 
     monkeypatch.setattr(nodeshare.shutil, "disk_usage", lambda p: SimpleNamespace(free=2**30))
-    with pytest.raises(ConfigError, match=r"has 1\.0 GiB free .* needs 7\.0 GiB.*--shm-size"):
-        nodeshare.NodeShare(_Comm(), masters_b=2 * 2**30, copies_b=2**30, moments_b=4 * 2**30, n_chunks=4,
+    with pytest.raises(ConfigError, match=r"has 1\.0 GiB free .* needs 6\.0 GiB.*--shm-size"):
+        nodeshare.NodeShare(_Comm(), masters_b=2 * 2**30, moments_b=4 * 2**30, n_chunks=4,
                             shm_dir=tmp_path)

@@ -10,6 +10,7 @@ import torch
 
 from ramgpt.config import ModelConfig, OptimConfig
 from ramgpt.engine import ResidentEngine, StreamedEngine
+from ramgpt.engine.chunked_adamw import ChunkedAdamW
 from ramgpt.engine.gradpath import DeviceGradPath
 from ramgpt.model import GPT
 
@@ -22,7 +23,7 @@ def _pair(seed: int, cfg: ModelConfig, optim: OptimConfig, spp: int, grad_accum:
     res = ResidentEngine(copy.deepcopy(base), device=device, precision="fp32", optim_cfg=optim,
                          micro_batch_size=spp, gradient_checkpointing=False)
     stm = StreamedEngine(copy.deepcopy(base), device=device, precision="fp32", optim_cfg=optim,
-                         seqs_per_pass=spp, window=2, grad_accum=grad_accum)
+                         seqs_per_pass=spp, window=2, grad_accum=grad_accum, optimizer_gpu_share=0.5)
     return res, stm
 
 
@@ -39,12 +40,15 @@ def test_streamed_matches_resident_over_steps(tie: bool, grad_accum: str, device
     GPU scratch pieces that do not divide the tensors (the default 16M elements would never split
     these small ones)."""
     monkeypatch.setattr(DeviceGradPath, "PIECE", 1000)
+    monkeypatch.setattr(ChunkedAdamW, "PIECE", 1000)  # the GPU's share of the update, in pieces too
     cfg = ModelConfig(n_layer=3, n_head=2, n_embd=32, block_size=16, vocab_size=64, tie_embeddings=tie)
     # eps 1e-6: the key part of c_attn's bias has an exactly-zero true gradient (softmax is
     # shift-invariant), and Adam with a tiny eps would amplify its rounding noise into updates
     optim = OptimConfig(lr=3e-3, eps=1e-6, grad_clip=1.0, micro_batch_size=2, grad_accum_steps=3)
     res, stm = _pair(int(torch.randint(0, 10_000, ()).item()), cfg, optim, spp=2, grad_accum=grad_accum, device=device)
     gen = torch.Generator().manual_seed(int(torch.randint(0, 10_000, ()).item()))
+    # on a GPU with the device path the GPU updates part of the chunks; elsewhere the CPU all of them
+    assert bool(stm.adamw.gpu_chunks) == (device == "cuda" and grad_accum == "device")
     try:
         start = {n: p.detach().clone() for n, p in stm.model.named_parameters()}
         for step in range(4):
@@ -72,13 +76,63 @@ def test_streamed_matches_resident_over_steps(tie: bool, grad_accum: str, device
             assert not torch.equal(p_stm, start[n]), f"{n} did not change"
         if tie:
             assert stm.model.head.lm_head.weight is stm.model.embed.wte.weight
-        # the streamed copies follow the masters after each step
+        # what the GPU loads is the masters themselves: no second copy of the weights on the host
         for st, masters in zip(stm.om._state, stm._master_of):
             for k, t in st.tensors.items():
-                torch.testing.assert_close(t, masters[k].detach())
+                assert t.data_ptr() == masters[k].data_ptr(), k
         # eval through the streamed forward equals the resident forward
         x = torch.randint(0, cfg.vocab_size, (3, 16), generator=gen)
         assert stm.eval_loss_sum(x, x) == pytest.approx(res.eval_loss_sum(x, x), rel=1e-5)
+    finally:
+        stm.close()
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("copies", [False, True])
+def test_streamed_bf16_computes_with_the_current_masters(device: str, copies: bool,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shipped path: the fp32 masters are cast to bf16 as each chunk loads (here through pieces
+    smaller than the tensors); with ``host_bf16_copies`` bf16 copies refreshed after each update
+    load instead. Every step's loss and gradients must be those of the *current* masters cast to
+    bf16 and run whole under autocast: stale or mis-cast weights would differ."""
+    from ramgpt.engine import offload
+
+    monkeypatch.setattr(offload, "PIECE", 700)
+    cfg = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64, tie_embeddings=True)
+    optim = OptimConfig(lr=1e-2, grad_clip=1.0, micro_batch_size=2, grad_accum_steps=2)
+    torch.manual_seed(int(torch.randint(0, 10_000, ()).item()))
+    stm = StreamedEngine(GPT(cfg), device=device, precision="bf16", optim_cfg=optim, seqs_per_pass=2, window=2,
+                         host_bf16_copies=copies)
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 10_000, ()).item()))
+    # each chunk loads as one run of back-to-back tensors (the head from the masters: its LayerNorm,
+    # and the tied embedding; from the copies, where it has its own copy of the embedding: one)
+    assert [len(p) for p in stm.om.load_plans] == ([1, 1, 1, 1] if copies else [1, 1, 1, 2])
+    try:
+        losses = []
+        for step in range(3):
+            stm.wait_optimizer()
+            ref = copy.deepcopy(stm.model).to(device=device, dtype=torch.bfloat16)
+            names = [n for n, _ in ref.named_parameters()]
+            x = torch.randint(0, cfg.vocab_size, (4, 16), generator=gen)
+            y = torch.randint(0, cfg.vocab_size, (4, 16), generator=gen)
+            l_ref, g_ref = 0.0, {n: 0.0 for n in names}
+            for i in (0, 2):
+                with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+                    loss = ref(x[i : i + 2].to(device), y[i : i + 2].to(device))
+                grads = torch.autograd.grad(loss, list(ref.parameters()))
+                l_ref += float(loss.detach())
+                for n, g in zip(names, grads):
+                    g_ref[n] = g_ref[n] + g.float().cpu()
+            l_stm = sum(float(stm.forward_backward(x[i : i + 2], y[i : i + 2], last_pass=i == 2)) for i in (0, 2))
+            assert l_stm == pytest.approx(l_ref, rel=2e-3), f"step {step} loss"
+            stm._before_optimizer()
+            g_stm = _grads(stm)
+            for n in names:
+                scale = float(g_ref[n].abs().max()) + 1e-3
+                torch.testing.assert_close(g_stm[n], g_ref[n], rtol=3e-2, atol=3e-2 * scale, msg=n)
+            stm.optimizer_step(1e-2, n_tokens=4 * 16)
+            losses.append(l_stm)
+        assert len(set(losses)) == 3  # the weights moved between steps
     finally:
         stm.close()
 
@@ -198,3 +252,18 @@ def test_low_ram_mode_is_lossless_and_keeps_no_moments_in_ram(tmp_path) -> None:
         ram.close()
         disk.close()
     assert not (tmp_path / "m.bin").exists(), "the scratch file goes with the engine"
+
+
+def test_gpu_share_of_the_update_follows_the_forward_order() -> None:
+    from ramgpt.engine.streamed import gpu_update_chunks
+
+    sizes = [80] + [28] * 36 + [1]
+    for share in (0.25, 0.4, 0.6):
+        on_gpu = gpu_update_chunks(sizes, share)
+        assert on_gpu == sorted(on_gpu)
+        got = sum(sizes[i] for i in on_gpu) / sum(sizes)
+        assert abs(got - share) < 0.05, (share, got)
+        # both sides move up the model together: each half of the chunks is shared about evenly
+        first = sum(sizes[i] for i in on_gpu if i < 19) / sum(sizes[:19])
+        assert abs(first - share) < 0.12, (share, first)
+    assert gpu_update_chunks(sizes, 0.0) == [] and gpu_update_chunks(sizes, 1.0) == list(range(len(sizes)))

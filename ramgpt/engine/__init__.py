@@ -7,7 +7,7 @@ and an AdamW over them, and give the training loop the same calls:
 - ``counters() -> dict`` for the live panel (transfer bytes, GB/s, stalls, VRAM).
 
 :mod:`.resident` keeps everything on one device; :mod:`.streamed` keeps fp32 masters and the
-optimizer in CPU RAM and streams bf16 copies of the chunks through the GPU with ramtorch
+optimizer in CPU RAM and streams the chunks through the GPU with ramtorch (cast to bf16 there)
 (:mod:`.offload` is the only module that imports ramtorch); :mod:`.infer` streams weights for
 generation. Engines take resolved values (a :class:`~ramgpt.placement.Placement`), never a Profile.
 """
@@ -37,7 +37,8 @@ def build_engine(model: GPT, placement: Placement, optim: Any, runtime: Any, scr
                               seqs_per_pass=placement.seqs_per_pass, window=runtime.stream_window,
                               pin=runtime.stream_pin, vram_budget_b=placement.vram_budget_b,
                               grad_accum=placement.grad_accum, moments_file=_moments_file(runtime, scratch_dir),
-                              comm=comm)
+                              comm=comm, optimizer_gpu_share=runtime.optimizer_gpu_share,
+                              host_bf16_copies=runtime.host_bf16_copies)
     return ResidentEngine(model, device=placement.device, precision=placement.precision, optim_cfg=optim,
                           micro_batch_size=placement.seqs_per_pass,
                           gradient_checkpointing=runtime.gradient_checkpointing and placement.device != "cpu",

@@ -10,9 +10,15 @@ of a 5.5 s step. Now:
   backward ends;
 - unscale and clip are one factor that fused AdamW applies in its own loop (``grad_scale``), so
   no separate pass over the gradients;
-- the update runs chunk by chunk in forward order in a worker thread, and each chunk's bf16 copy
-  is refreshed right after its update; the next step's first forward loads chunk i as soon as
-  chunk i is ready (:meth:`wait_chunk`), so the optimizer overlaps that forward.
+- the update runs chunk by chunk in forward order in a worker thread; the next step's first
+  forward loads chunk i (the GPU casts the fp32 masters to bf16 as they arrive, so there is no
+  host copy to refresh) as soon as chunk i is ready (:meth:`wait_chunk`), so the optimizer
+  overlaps that forward.
+
+On CUDA part of the chunks can be updated by the GPU (``gpu_chunks``, ``runtime.optimizer_gpu_share``):
+their fp32 masters, gradients and moments (all page-locked) stream through it in pieces, through
+the same fused AdamW kernel on the GPU, and back, on two streams so copies in and out overlap. A
+second worker thread does that beside the CPU's, so the update between steps takes less time.
 
 Semantics are those of ``torch.optim.AdamW(fused=True)`` after ``clip_grad_norm_``: the same
 kernel on the same state (kept in the one ``torch.optim.AdamW`` object, so its ``state_dict()``
@@ -29,14 +35,18 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn as nn
 
-from ramgpt.engine.hostmem import FileArena
+from ramgpt.engine.hostmem import FileArena, HostArena
 
 
-def new_adamw_state(p: nn.Parameter, moments: FileArena | None = None) -> dict[str, torch.Tensor]:
+def new_adamw_state(p: nn.Parameter, moments: FileArena | HostArena | None = None) -> dict[str, torch.Tensor]:
     """What ``torch.optim.AdamW(fused=True)`` creates for ``p`` on its first step: a float32 step
-    counter and zero moments (in ``moments``' memory-mapped file when given: a fresh file reads 0)."""
+    counter and zero moments (in ``moments`` when given: a fresh memory-mapped file reads 0, a
+    page-locked arena is zeroed)."""
     if moments is not None:
         avg, avg_sq = moments.take(p.shape, p.dtype), moments.take(p.shape, p.dtype)
+        if isinstance(moments, HostArena):
+            avg.zero_()
+            avg_sq.zero_()
     else:
         avg = torch.zeros_like(p, memory_format=torch.preserve_format)
         avg_sq = torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -44,11 +54,16 @@ def new_adamw_state(p: nn.Parameter, moments: FileArena | None = None) -> dict[s
 
 
 class ChunkedAdamW:
+    PIECE = 4 * 2**20  # elements per GPU piece (16 MiB per tensor, 4 tensors, 2 streams: 128 MiB of VRAM)
+
     def __init__(self, optimizer: torch.optim.AdamW, chunks: Sequence[Sequence[nn.Parameter]],
-                 moments: FileArena | None = None, update: Sequence[int] | None = None):
+                 moments: FileArena | None = None, update: Sequence[int] | None = None,
+                 gpu_chunks: Sequence[int] = (), device: str | None = None, gpu_moments: HostArena | None = None):
         """``chunks[i]``: the parameters chunk ``i`` owns (each parameter in exactly one chunk).
         ``moments``: keep the AdamW moments in this memory-mapped file (the low-RAM mode): each
-        chunk's are paged in ahead of its update and handed back to the OS right after."""
+        chunk's are paged in ahead of its update and handed back to the OS right after.
+        ``gpu_chunks``: the chunks the GPU ``device`` updates; their parameters' moments go to
+        ``gpu_moments`` (page-locked; the masters and gradients must be page-locked too)."""
         self.opt = optimizer
         self.moments = moments
         # the chunks this process updates (several GPUs: the ones it owns; else all)
@@ -58,10 +73,20 @@ class ChunkedAdamW:
         owned = [id(p) for c in self.chunks for p in c]
         if sorted(owned) != sorted(self.group_of) or len(set(owned)) != len(owned):
             raise ValueError("every optimizer parameter must belong to exactly one chunk")
+        self.gpu_chunks = set(gpu_chunks) & self.update
+        self.gpu_moments = gpu_moments
+        self.gpu_moments_ready = threading.Event()  # set by whoever provides gpu_moments
+        if gpu_moments is not None or not self.gpu_chunks:
+            self.gpu_moments_ready.set()
+        self._gpu_params = {id(p) for i in self.gpu_chunks for p in self.chunks[i]}
+        self.device = torch.device(device) if device is not None else None
+        self._gpu: dict | None = None  # streams and scratch, made by the GPU worker on first use
         self.ready = [threading.Event() for _ in self.chunks]
         for e in self.ready:
             e.set()
         self._thread: threading.Thread | None = None
+        self._gpu_thread: threading.Thread | None = None
+        self._t0, self._ends = 0.0, []
         self.error: BaseException | None = None
         self.work_s_total = 0.0  # time spent updating (hidden or not)
         self.last_work_s = 0.0
@@ -70,7 +95,11 @@ class ChunkedAdamW:
     def _ensure_state(self, p: nn.Parameter) -> dict:
         st = self.opt.state[p]
         if not st:
-            st.update(new_adamw_state(p, self.moments))
+            if id(p) in self._gpu_params:
+                self.gpu_moments_ready.wait()
+                st.update(new_adamw_state(p, self.gpu_moments))
+            else:
+                st.update(new_adamw_state(p, self.moments))
         return st
 
     def ensure_all_states(self, step_arena: FileArena | None = None) -> None:
@@ -101,15 +130,72 @@ class ChunkedAdamW:
                 if k in st:
                     self.moments.prefetch(st[k])
 
-    @torch.no_grad()
-    def step_chunk(self, i: int, lr: float, grad_scale: torch.Tensor, found_inf: torch.Tensor) -> None:
-        """``torch._fused_adamw_`` on chunk ``i``'s parameters, per weight-decay group."""
-        self._prefetch(i + 1)  # the OS reads the next chunk's moments while this one updates
+    def _groups(self, i: int) -> list[list[nn.Parameter]]:
         by_group: dict[int, list[nn.Parameter]] = {}
         for p in self.chunks[i]:
             if p.grad is not None:
                 by_group.setdefault(id(self.group_of[id(p)]), []).append(p)
-        for ps in by_group.values():
+        return list(by_group.values())
+
+    @torch.no_grad()
+    def step_chunk_gpu(self, i: int, lr: float, grad_scale: float) -> None:
+        """Chunk ``i`` through the GPU: per piece, masters, gradients and moments H2D, fused AdamW
+        there, masters and moments D2H; pieces alternate between two streams and scratch sets.
+        Returns when the host memory holds the result."""
+        dev = self.device
+        if self._gpu is None:
+            self._gpu = {
+                "streams": [torch.cuda.Stream(dev), torch.cuda.Stream(dev)],
+                "gs": torch.empty((), dtype=torch.float32, device=dev),
+                "fi": torch.zeros((), dtype=torch.float32, device=dev),
+            }
+        g_ = self._gpu
+        if "bufs" not in g_:  # for this update only: the compute stream gets the memory back after it
+            g_["bufs"] = [torch.empty(4, self.PIECE, dtype=torch.float32, device=dev) for _ in range(2)]
+        streams, bufs = g_["streams"], g_["bufs"]
+        cur = torch.cuda.current_stream(dev)
+        g_["gs"].fill_(grad_scale)
+        for s in streams:
+            s.wait_stream(cur)  # the scale is written
+        k = 0
+        for ps in self._groups(i):
+            g = self.group_of[id(ps[0])]
+            states = [self._ensure_state(p) for p in ps]
+            steps = [s["step"] for s in states]
+            torch._foreach_add_(steps, 1)
+            beta1, beta2 = g["betas"]
+            for p, st in zip(ps, states):
+                step_d = torch.full((), float(st["step"]), dtype=torch.float32, device=dev)
+                host = [p.data.view(-1), p.grad.view(-1), st["exp_avg"].view(-1), st["exp_avg_sq"].view(-1)]
+                for s in streams:
+                    s.wait_stream(cur)  # step_d is written
+                n = host[0].numel()
+                for a in range(0, n, self.PIECE):
+                    b = min(a + self.PIECE, n)
+                    stream, buf = streams[k % 2], bufs[k % 2]
+                    k += 1
+                    with torch.cuda.stream(stream):
+                        d = [buf[j, : b - a] for j in range(4)]
+                        for j in range(4):
+                            d[j].copy_(host[j][a:b], non_blocking=True)
+                        torch._fused_adamw_(
+                            [d[0]], [d[1]], [d[2]], [d[3]], [], [step_d], amsgrad=False, lr=lr, beta1=beta1,
+                            beta2=beta2, weight_decay=g["weight_decay"], eps=g["eps"], maximize=False,
+                            grad_scale=g_["gs"], found_inf=g_["fi"],
+                        )
+                        for j in (0, 2, 3):
+                            host[j][a:b].copy_(d[j], non_blocking=True)
+                step_d.record_stream(streams[0])
+                step_d.record_stream(streams[1])
+            g["lr"] = lr
+        for s in streams:
+            s.synchronize()
+
+    @torch.no_grad()
+    def step_chunk(self, i: int, lr: float, grad_scale: torch.Tensor, found_inf: torch.Tensor) -> None:
+        """``torch._fused_adamw_`` on chunk ``i``'s parameters, per weight-decay group."""
+        self._prefetch(i + 1)  # the OS reads the next chunk's moments while this one updates
+        for ps in self._groups(i):
             g = self.group_of[id(ps[0])]
             states = [self._ensure_state(p) for p in ps]
             steps = [s["step"] for s in states]
@@ -134,30 +220,44 @@ class ChunkedAdamW:
             e.clear()
         gs = torch.tensor(grad_scale, dtype=torch.float32)
         fi = torch.zeros((), dtype=torch.float32)
+        t0 = time.perf_counter()
+        ends: list[float] = []
+        on_gpu = sorted(self.gpu_chunks)
+        on_cpu = [i for i in range(len(self.chunks)) if i not in self.gpu_chunks]
 
-        def run() -> None:
-            t0 = time.perf_counter()
+        def run(mine: list[int], gpu: bool) -> None:
             try:
-                for i in range(len(self.chunks)):
+                if gpu:
+                    torch.cuda.set_device(self.device)
+                for i in mine:
                     if i in self.update:
                         if before_chunk is not None:
                             before_chunk(i)
-                        self.step_chunk(i, lr, gs, fi)
+                        if gpu:
+                            self.step_chunk_gpu(i, lr, grad_scale)
+                        else:
+                            self.step_chunk(i, lr, gs, fi)
                         after_chunk(i)
                     self.ready[i].set()
             except BaseException as e:  # noqa: BLE001 - re-raised on the training thread
                 self.error = e
+                for ev in self.ready:  # never leave a waiter hanging
+                    ev.set()
             finally:
-                for e in self.ready:  # never leave a waiter hanging
-                    e.set()
-                self.last_work_s = time.perf_counter() - t0
-                self.work_s_total += self.last_work_s
+                if gpu and self._gpu is not None:
+                    self._gpu.pop("bufs", None)  # every piece was synchronized: free to reuse
+                ends.append(time.perf_counter())
 
-        self._thread = threading.Thread(target=run, name="ramgpt-adamw", daemon=True)
+        self._thread = threading.Thread(target=run, args=(on_cpu, False), name="ramgpt-adamw", daemon=True)
+        self._gpu_thread = (threading.Thread(target=run, args=(on_gpu, True), name="ramgpt-adamw-gpu", daemon=True)
+                            if on_gpu else None)
+        self._t0, self._ends = t0, ends
         self._thread.start()
+        if self._gpu_thread is not None:
+            self._gpu_thread.start()
 
     def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return any(t is not None and t.is_alive() for t in (self._thread, self._gpu_thread))
 
     def wait_chunk(self, i: int) -> None:
         self.ready[i].wait()
@@ -165,8 +265,12 @@ class ChunkedAdamW:
 
     def wait_all(self) -> None:
         if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+            for t in (self._thread, self._gpu_thread):
+                if t is not None:
+                    t.join()
+            self._thread = self._gpu_thread = None
+            self.last_work_s = max(self._ends, default=self._t0) - self._t0  # start to the last chunk's end
+            self.work_s_total += self.last_work_s
         self._raise()
 
     def raise_error(self) -> None:

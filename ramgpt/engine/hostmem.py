@@ -137,7 +137,7 @@ class FileArena:
             self.mm.madvise(mmap.MADV_WILLNEED, *self._range(t))
 
     def register(self, device: str) -> bool:
-        """Page-lock the mapping for DMA (the node-shared bf16 copies): each process registers its own
+        """Page-lock the mapping for DMA (the node-shared fp32 masters): each process registers its own
         mapping of the same pages."""
         self.registered = device.startswith("cuda") and register(self.buf, device)
         self.device = device

@@ -1,5 +1,5 @@
-"""The training state one node's ranks share (several GPUs): fp32 masters, bf16 copies, AdamW
-state and per-chunk "updated" counters, each a file in ``/dev/shm`` that every rank maps.
+"""The training state one node's ranks share (several GPUs): fp32 masters (which every rank's GPU
+loads), AdamW state and per-chunk "updated" counters, each a file in ``/dev/shm`` that every rank maps.
 
 Local rank 0 creates the files, the other ranks map them after a barrier, and then the files are
 unlinked: the memory lives exactly as long as the processes that map it, so a crashed job leaves
@@ -21,13 +21,12 @@ from ramgpt.errors import ConfigError
 SHM_DIR = Path("/dev/shm")
 
 class NodeShare:
-    def __init__(self, comm: Comm, *, masters_b: int, copies_b: int, moments_b: int, n_chunks: int,
+    def __init__(self, comm: Comm, *, masters_b: int, moments_b: int, n_chunks: int,
                  shm_dir: Path = SHM_DIR, moments_dir: Path | None = None):
         ctx = comm.ctx
         prefix = f"ramgpt-{ctx.job}-node{ctx.node}"
         files = {
             "masters": (shm_dir / f"{prefix}-masters", masters_b),
-            "copies": (shm_dir / f"{prefix}-copies", copies_b),
             "moments": ((moments_dir or shm_dir) / f"{prefix}-moments", moments_b),
             "flags": (shm_dir / f"{prefix}-flags", n_chunks * 8),
         }
@@ -58,7 +57,6 @@ class NodeShare:
             for p, _ in files.values():
                 p.unlink(missing_ok=True)
         self.masters = self.arenas["masters"]
-        self.copies = self.arenas["copies"]
         self.moments = self.arenas["moments"]
         self.flags = self.arenas["flags"].take((n_chunks,), torch.int64)  # the update each chunk is at
 

@@ -1,18 +1,20 @@
-"""The streamed engine: fp32 masters and AdamW in CPU RAM, bf16 copies streamed through the GPU.
+"""The streamed engine: fp32 masters and AdamW in CPU RAM, streamed through the GPU.
 
 ramtorch's ``OffloadModel`` runs the chunks ``[embed, block_0 .. block_{L-1}, head]`` through a
-GPU window, loading each chunk's *bf16 copy* from page-locked CPU RAM and recomputing each block
-in backward. What ramtorch does not provide is built around it (docs/design.md):
+GPU window, loading each chunk from page-locked CPU RAM and recomputing each block in backward.
+What ramtorch does not provide is built around it (docs/design.md):
 
-1. The bf16 copies live in one page-locked arena (:mod:`.hostmem`): RSS = tensor bytes.
+1. The fp32 masters live in one page-locked arena (:mod:`.hostmem`) and are what the GPU loads:
+   each chunk is cast to bf16 on the device as it arrives. No bf16 copy of the weights is kept
+   on the host (2.2 GB less RSS for the 1b) and the optimizer has nothing to refresh.
 2. Gradients leave the GPU once per pass, through the ``_accumulate`` hook, into fp32
    accumulators in CPU RAM (:mod:`.gradpath`), which also produce the global gradient norm.
 3. Many sequences share one weight pass (``seqs_per_pass``): the PCIe cost of a pass is fixed,
    so the pass must carry enough tokens to hide it behind compute.
-4. The tied embedding lives in the first and last chunk; each chunk streams its own bf16 copy,
-   and both copies' gradients land in the one fp32 master.
+4. The tied embedding lives in the first and last chunk; both chunks load the one fp32 master,
+   and both chunks' gradients land in its accumulator.
 5. The optimizer (:mod:`.chunked_adamw`) updates chunk by chunk in a worker thread while the next
-   step's first forward loads each chunk as soon as it is updated and refreshed.
+   step's first forward loads each chunk as soon as it is updated.
 6. The head's forward in the no-grad phase of a pass skips the loss (its backward recomputes it
    anyway): one vocabulary-sized matmul less per pass.
 """
@@ -21,8 +23,11 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 import threading
 import time
+from collections import defaultdict
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +38,9 @@ from ramgpt.dist import Comm, chunk_owners
 from ramgpt.engine.base import Engine, StepReport, make_optimizer, release_freed_heap
 from ramgpt.engine.chunked_adamw import ChunkedAdamW
 from ramgpt.engine.gradpath import DeviceGradPath, HostGradPath
-from ramgpt.engine.hostmem import PAGE, FileArena, HostArena, aligned
+from ramgpt.engine.hostmem import ALIGN, PAGE, FileArena, HostArena, aligned
 from ramgpt.engine.nodeshare import NodeShare
-from ramgpt.engine.offload import offload_model_class
+from ramgpt.engine.offload import load_plan, offload_model_class
 from ramgpt.model import GPT
 from ramgpt.placement import resolve_grad_accum
 
@@ -84,6 +89,51 @@ class TransferClock:
             self._pending = keep
 
 
+# Python hands the GIL to a waiting thread only after this long (the interpreter's default is 5 ms).
+# The loader, the gradient path and the optimizer's GPU share each need it for a moment to queue
+# their copies while the compute thread is queuing kernels; a chunk's forward on a fast GPU takes
+# ~2 ms, so a 5 ms wait for the GIL starves the copy engines. None: leave the interpreter's.
+GIL_SWITCH_S: float | None = 0.0005
+
+
+class GpuIdleClock:
+    """GPU time the compute stream sits idle across the compute thread's waits, by kind.
+
+    An event is recorded on the compute stream before the wait and one after: the first completes
+    when the GPU has finished the work queued before the wait, the second when the GPU could go on
+    (the awaited copy landed, or the thread queued more work). Their distance is the GPU's idle
+    time that the wait caused; a wait while the GPU still had queued work costs nothing."""
+
+    def __init__(self, device: str):
+        self.device = torch.device(device)
+        self.seconds: dict[str, float] = defaultdict(float)
+        self._pending: list[tuple[str, Any, Any]] = []
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def span(self, kind: str):
+        stream = torch.cuda.current_stream(self.device)
+        a = torch.cuda.Event(enable_timing=True)
+        a.record(stream)
+        try:
+            yield
+        finally:
+            b = torch.cuda.Event(enable_timing=True)
+            b.record(stream)
+            with self._lock:
+                self._pending.append((kind, a, b))
+
+    def harvest(self) -> None:
+        with self._lock:
+            keep = []
+            for kind, a, b in self._pending:
+                if b.query():
+                    self.seconds[kind] += a.elapsed_time(b) / 1000.0
+                else:
+                    keep.append((kind, a, b))
+            self._pending = keep
+
+
 def _set_param(module: nn.Module, dotted: str, value: torch.Tensor) -> None:
     *path, leaf = dotted.split(".")
     owner = module
@@ -92,22 +142,47 @@ def _set_param(module: nn.Module, dotted: str, value: torch.Tensor) -> None:
     owner._parameters[leaf] = nn.Parameter(value, requires_grad=False)
 
 
-def _compute_copies(masters: list[nn.Module], dtype: torch.dtype, arena: HostArena | FileArena,
-                    fill: bool = True) -> list[nn.Module]:
-    """A ``dtype`` copy of each chunk whose parameters are views of ``arena`` (no fp32 deep copy:
-    the masters' parameters map to meta placeholders while the modules are copied)."""
-    copies = []
+def _streamed_modules(masters: list[nn.Module], copies: HostArena | None = None,
+                      dtype: torch.dtype | None = None) -> list[nn.Module]:
+    """The modules ramtorch streams: each chunk's structure, with parameters that share the fp32
+    masters' storage but are not them (ramtorch's own leaves; no deep copy of the weights: the
+    masters map to meta placeholders while the modules are copied). With ``copies``: parameters
+    that are ``dtype`` copies of the masters in that arena instead, chunk by chunk (the tied
+    embedding twice)."""
+    mods = []
     for c in masters:
-        memo = {id(p): nn.Parameter(torch.empty(p.shape, dtype=dtype, device="meta"), requires_grad=False)
+        memo = {id(p): nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"), requires_grad=False)
                 for p in c.parameters()}
-        cp = copy.deepcopy(c, memo)
+        m = copy.deepcopy(c, memo)
         for name, p in c.named_parameters():
-            view = arena.take(p.shape, dtype)
-            if fill:  # several GPUs: only the node's first rank writes the shared copies
+            if copies is None:
+                _set_param(m, name, p.detach())
+            else:
+                view = copies.take(p.shape, dtype)
                 view.copy_(p.detach())
-            _set_param(cp, name, view)
-        copies.append(cp)
-    return copies
+                _set_param(m, name, view)
+        mods.append(m)
+    return mods
+
+
+def gpu_update_chunks(sizes: list[int], share: float) -> list[int]:
+    """The chunks the GPU updates, given each chunk's parameter count: walking them in forward order
+    (the order the next forward needs them), each goes to the side that would finish it first, the
+    GPU updating ``share`` of the parameters per second and the CPU the rest. Fixed for a model, so
+    a run's arithmetic does not depend on timing."""
+    if share <= 0:
+        return []
+    if share >= 1:
+        return list(range(len(sizes)))
+    t_cpu = t_gpu = 0.0
+    out = []
+    for i, n in enumerate(sizes):
+        if t_gpu + n / share <= t_cpu + n / (1 - share):
+            out.append(i)
+            t_gpu += n / share
+        else:
+            t_cpu += n / (1 - share)
+    return out
 
 
 class StreamedEngine(Engine):
@@ -115,10 +190,15 @@ class StreamedEngine(Engine):
 
     def __init__(self, model: GPT, *, device: str, precision: str, optim_cfg, seqs_per_pass: int,
                  window: int = 3, pin: int = 0, vram_budget_b: int | None = None, grad_accum: str = "host",
-                 moments_file: Path | None = None, comm: Comm | None = None):
+                 moments_file: Path | None = None, comm: Comm | None = None, optimizer_gpu_share: float = 0.0,
+                 host_bf16_copies: bool = False):
         """``moments_file``: the low-RAM mode (``runtime.optimizer_on_disk``): AdamW's moments live in
         this memory-mapped file (removed on close) instead of RAM. ``comm``: one of several ranks
-        (:mod:`ramgpt.dist`): the state is shared by the node's ranks and each chunk updated by its owner."""
+        (:mod:`ramgpt.dist`): the state is shared by the node's ranks and each chunk updated by its owner.
+        ``optimizer_gpu_share``: the share of the parameters whose update the GPU does (one process on
+        CUDA with ``grad_accum=device``, moments in RAM; otherwise the CPU updates everything).
+        ``host_bf16_copies``: keep page-locked bf16 copies of the chunks for the GPU to load (one
+        process; the default loads the fp32 masters and casts them on the GPU)."""
         if device.startswith("cuda") and torch.device(device).index is None:
             # worker threads must name the device: the current one is per thread
             device = f"cuda:{torch.cuda.current_device()}"
@@ -152,28 +232,54 @@ class StreamedEngine(Engine):
         self.share: NodeShare | None = None
         self._update_count = 0  # optimizer updates started: the per-chunk counters must reach it
         self.update_timeout_s = 1800.0
+        # the fp32 masters move into one page-locked arena (one process) or the node's shared memory
+        # (several GPUs): the GPU loads them from there
         if comm is not None:
-            self._share_node_state(sizes, moments_file)
-            self.arena = self.share.copies
-            copies = _compute_copies(self.masters, self.compute_dtype, self.arena, fill=comm.ctx.local_main)
+            self._share_node_state(moments_file)
+            self.arena = self.share.masters
             self.arena.register(device)
-            comm.barrier()  # the node's copies are written
         else:
-            self.arena = HostArena(sum(sizes), device, "the bf16 weight copies")
-            copies = _compute_copies(self.masters, self.compute_dtype, self.arena)
-        self._head_copy = copies[-1]
+            self.arena = HostArena(sum(aligned(p.numel() * 4) for p in self.params), device, "the fp32 master weights")
+            with torch.no_grad():
+                for p in (p for ps in self._owned for p in ps):  # chunk by chunk: a chunk's masters are one run
+                    view = self.arena.take(p.shape, p.dtype)
+                    view.copy_(p.detach())
+                    p.data = view  # the same Parameter (the optimizer holds it); the old storage is freed
+        # runtime.host_bf16_copies: the GPU loads bf16 copies kept in a second page-locked arena and
+        # refreshed after each update (half the link traffic of the weights, 2 bytes more RAM per
+        # parameter); else the masters themselves, cast on the GPU
+        self.copies: HostArena | None = None
+        if host_bf16_copies and comm is None and self.compute_dtype != torch.float32:
+            item = self.compute_dtype.itemsize
+            self.copies = HostArena(sum(aligned(p.numel() * item) for c in self.masters for p in c.parameters()),
+                                    device, "the bf16 weight copies")
+        modules = _streamed_modules(self.masters, self.copies, self.compute_dtype)
+        self._head_copy = modules[-1]
         keep = "checkpoint" if model.cfg.dropout > 0 else False  # recompute would resample dropout
         self.h2d = TransferClock(self.cuda)
         self.d2h = TransferClock(self.cuda)
-        self.om = offload_model_class()(copies, device=device, window=window, pin=pin, keep_activations=keep)
+        self.idle = GpuIdleClock(device) if self.cuda else None
+        self._switch_before = sys.getswitchinterval()
+        if self.cuda and GIL_SWITCH_S is not None:
+            sys.setswitchinterval(GIL_SWITCH_S)
+        self.om = offload_model_class()(modules, device=device, window=window, pin=pin, keep_activations=keep)
+        self.om.cast_dtype = self.compute_dtype if self.compute_dtype != torch.float32 and self.copies is None else None
         self.om.grad_sink = self._on_grads
         self.om.load_observer = self._observe_load
         self.om.load_gate = self._wait_for_update
         self.om.acquire_observer = self._observe_wait
+        self.om.gpu_wait = self._gpu_wait if self.cuda else None
         self.om.update_running = lambda: self.adamw.running()
-        # chunks ramtorch keeps on the GPU (pin) or re-pinned outside the arena, for the pinned count
-        self._extra_pinned = sum(t.numel() * t.element_size() for st in self.om._state for t in st.tensors.values()
-                                 if not self.arena.contains(t) and t.device.type == "cpu" and self.arena.registered)
+        if self.copies is None:
+            self._adopt_masters()
+        # a chunk's tensors lie back to back in the arena the GPU loads from: each loads as one run
+        # (where ramtorch re-pinned them elsewhere, load_plan finds no run and they load one by one)
+        src = self.copies if self.copies is not None else self.arena
+        item = self.compute_dtype.itemsize if self.copies is not None else 4
+        self.om.load_src = src.buf.view(self.compute_dtype if self.copies is not None else torch.float32)
+        gap = (PAGE if self.share is not None else ALIGN) // item  # the arena's alignment, in elements
+        self.om.load_plans = [None if st.gpu_pinned else load_plan(st.tensors, self.om.load_src, gap)
+                              for st in self.om._state]
 
         owner_of = {id(p): self._owner[i] for i, ps in enumerate(self._owned) for p in ps}
         if comm is not None:
@@ -187,24 +293,44 @@ class StreamedEngine(Engine):
             if self.grads.fallback:  # page-locking refused: the CPU worker is faster than pageable DMA
                 self.grads.close()
                 self.grad_accum = "host"
-        if self.grad_accum == "host":
-            slot = max(sum(aligned(p.numel() * p.element_size()) for p in c.parameters()) for c in copies)
-            self.grads = HostGradPath(self.params, self._master_of, device, self.d2h, slot, max(2, min(4, len(copies))))
+        if self.grad_accum == "host":  # staging slots for a chunk's gradients in the compute dtype
+            item = self.compute_dtype.itemsize
+            slot = max(sum(aligned(p.numel() * item) for p in c.parameters()) for c in modules)
+            self.grads = HostGradPath(self.params, self._master_of, device, self.d2h, slot, max(2, min(4, len(modules))))
         self.moments = None
         if self.share is not None:
             self.moments = self.share.moments
         elif moments_file is not None:
             per = [aligned(p.numel() * 4, PAGE) * 2 for p in self.params]
             self.moments = FileArena(moments_file, sum(per))
+        gpu_chunks: list[int] = []
+        self.gpu_moments: HostArena | None = None
+        if (optimizer_gpu_share > 0 and self.cuda and comm is None and self.moments is None and self.arena.registered
+                and isinstance(self.grads, DeviceGradPath) and self.grads.on_gpu):
+            gpu_chunks = gpu_update_chunks([sum(p.numel() for p in ps) for ps in self._owned], optimizer_gpu_share)
         self.adamw = ChunkedAdamW(self.optimizer, self._owned, self.moments,
-                                  update=[i for i, m in enumerate(self._mine) if m])
+                                  update=[i for i, m in enumerate(self._mine) if m], gpu_chunks=gpu_chunks,
+                                  device=device if gpu_chunks else None)
+        if gpu_chunks:
+            # their moments live page-locked; locking 3.5 GB takes seconds, which the first pass hides
+            nbytes = sum(2 * aligned(p.numel() * 4) for i in gpu_chunks for p in self._owned[i])
+
+            def lock_moments() -> None:
+                try:
+                    torch.cuda.set_device(torch.device(device))  # the runtime's current device is per thread
+                    self.gpu_moments = HostArena(nbytes, device, "the AdamW moments the GPU updates")
+                    self.adamw.gpu_moments = self.gpu_moments
+                finally:
+                    self.adamw.gpu_moments_ready.set()
+
+            threading.Thread(target=lock_moments, name="ramgpt-lock-moments", daemon=True).start()
         if self.share is not None:
             self.adamw.ensure_all_states(step_arena=self.share.moments)  # the same layout in every rank
         self._norm_from_path = False
         self._update_gate = None
         self._opt_wait_s = 0.0  # compute-thread waits for chunks the optimizer had not updated yet
         self._load_wait_s = 0.0
-        del copies
+        del modules
         release_freed_heap()
 
     @property
@@ -216,24 +342,51 @@ class StreamedEngine(Engine):
         """Bytes of the node-shared training state (several GPUs; 0 for one process)."""
         return sum(a.nbytes for a in self.share.arenas.values()) if self.share is not None else 0
 
-    def _share_node_state(self, sizes: list[int], moments_file: Path | None) -> None:
-        """Several GPUs: the fp32 masters, bf16 copies and AdamW state once per node, in shared
-        memory; the masters become views of it (the node's first rank writes their values)."""
+    def _share_node_state(self, moments_file: Path | None) -> None:
+        """Several GPUs: the fp32 masters and AdamW state once per node, in shared memory; the
+        masters become views of it (the node's first rank writes their values)."""
         comm = self.comm
         assert comm is not None
         masters_b = sum(aligned(p.numel() * 4, PAGE) for p in self.params)
-        copies_b = sum(aligned(p.numel() * self.compute_dtype.itemsize, PAGE) for c in self.masters
-                       for p in c.parameters())
         moments_b = sum(2 * aligned(p.numel() * 4, PAGE) + PAGE for p in self.params)
-        self.share = NodeShare(comm, masters_b=masters_b, copies_b=copies_b, moments_b=moments_b,
-                               n_chunks=len(sizes), moments_dir=moments_file.parent if moments_file else None)
+        self.share = NodeShare(comm, masters_b=masters_b, moments_b=moments_b, n_chunks=len(self.masters),
+                               moments_dir=moments_file.parent if moments_file else None)
         with torch.no_grad():
-            for p in self.params:
+            for p in (p for ps in self._owned for p in ps):  # chunk by chunk, as in one process
                 view = self.share.masters.take(p.shape, p.dtype)
                 if comm.ctx.local_main:
                     view.copy_(p.detach())
                 p.data = view  # the same Parameter object (the optimizer holds it), shared storage
         comm.barrier()
+
+    @torch.no_grad()
+    def _adopt_masters(self) -> None:
+        """ramtorch page-locks a streamed chunk's tensors unless they already are: where the arena
+        could not be page-locked it made pinned copies, which the optimizer would never update, so
+        the chunks go back to the masters (pageable: slower copies, same values). Chunks ramtorch
+        keeps on the GPU (``runtime.stream_pin``) hold their copy in the compute dtype."""
+        for idx, st in enumerate(self.om._state):
+            for k, t in st.tensors.items():
+                m = self._master_of[idx].get(k)
+                if m is None:
+                    continue
+                if st.gpu_pinned:
+                    t.data = t.data.to(self.compute_dtype)
+                elif t.data_ptr() != m.data_ptr():
+                    t.data = m.detach()
+
+    @torch.no_grad()
+    def _refresh_gpu_chunk(self, idx: int) -> None:
+        """A chunk's copies from its updated masters: the host bf16 copies (``host_bf16_copies``)
+        and a chunk kept on the GPU (synchronous, so it is done before the chunk is marked ready)."""
+        st = self.om._state[idx]
+        if self.copies is not None or st.gpu_pinned:
+            for k, t in st.tensors.items():
+                if k in self._master_of[idx]:
+                    t.data.copy_(self._master_of[idx][k])
+
+    def _gpu_wait(self, during_update: bool):
+        return self.idle.span("update" if during_update else "load")
 
     # -- ramtorch hooks ------------------------------------------------------------------------
     def _observe_load(self, state):
@@ -260,7 +413,8 @@ class StreamedEngine(Engine):
             self._load_wait_s += seconds
 
     def _on_grads(self, idx: int, named_grads: dict[str, torch.Tensor]) -> None:
-        self.grads.on_grads(idx, named_grads)
+        with self.idle.span("grad") if self.idle is not None else nullcontext():
+            self.grads.on_grads(idx, named_grads)
 
     # -- passes ----------------------------------------------------------------------------------
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor, last_pass: bool = False) -> torch.Tensor:
@@ -286,7 +440,8 @@ class StreamedEngine(Engine):
     # -- the optimizer ---------------------------------------------------------------------------
     def _before_optimizer(self) -> None:
         """All of this step's gradients are in the fp32 accumulators (and their norm is known)."""
-        self.grads.drain()
+        with self.idle.span("grad") if self.idle is not None else nullcontext():
+            self.grads.drain()
         self.h2d.harvest()
         self.d2h.harvest()
 
@@ -295,6 +450,10 @@ class StreamedEngine(Engine):
         (the next forward waits per chunk). A non-finite norm skips the update."""
         self._before_optimizer()
         t0 = time.perf_counter()
+        with self.idle.span("optimizer") if self.idle is not None else nullcontext():
+            return self._decide_and_start(lr, n_tokens, t0)
+
+    def _decide_and_start(self, lr: float, n_tokens: int, t0: float) -> StepReport:
         self.adamw.wait_all()  # the previous update (always done by now: this step's forward waited for it)
         previous_work = self.adamw.last_work_s
         factor = 1.0 / (self.scaler.scale * max(n_tokens, 1))
@@ -336,20 +495,14 @@ class StreamedEngine(Engine):
         self._update_gate(tensors)
 
     def _chunk_updated(self, idx: int) -> None:
-        # a tied weight's copy in this chunk is refreshed from a master another chunk updates
-        # (the head's copy of the embedding): with several ranks that update may still be running
+        # a tied weight in this chunk is a master another chunk updates (the head's embedding):
+        # with several ranks that update may still be running
         if self.share is not None:
             for j in self._tied_from[idx]:
                 self._wait_for_update(j)
-        self._refresh_chunk(idx)
+        self._refresh_gpu_chunk(idx)
         if self.share is not None:
             self.share.flags[idx] = self._update_count  # the node's other ranks may load it now
-
-    @torch.no_grad()
-    def _refresh_chunk(self, idx: int) -> None:
-        """The bf16 copies of chunk ``idx`` from its updated fp32 masters."""
-        for k, t in self.om._state[idx].tensors.items():
-            t.copy_(self._master_of[idx][k])
 
     def wait_optimizer(self) -> None:
         """Every chunk's update is done (with several GPUs: by every owner on this node)."""
@@ -390,9 +543,9 @@ class StreamedEngine(Engine):
 
     @torch.no_grad()
     def _after_optimizer(self) -> None:
-        """Refresh every bf16 copy (after a resume); drop stale GPU copies."""
+        """After a resume: drop stale GPU copies (chunks kept on the GPU are refreshed)."""
         for idx in range(len(self.masters)):
-            self._refresh_chunk(idx)
+            self._refresh_gpu_chunk(idx)
         self.om.invalidate_residency()
 
     def counters(self) -> dict[str, float]:
@@ -406,22 +559,34 @@ class StreamedEngine(Engine):
         out["d2h_bytes_total"] = self.d2h.bytes
         out["h2d_seconds_total"] = self.h2d.seconds
         out["d2h_seconds_total"] = self.d2h.seconds
-        # compute-thread waits: for the loader to bring a chunk in, for the gradient path, and for
-        # the optimizer's update of a chunk (the optimizer's exposed time, reported apart)
-        out["stall_load_s_total"] = self._load_wait_s
-        out["stall_grad_s_total"] = self.grads.wait_s
-        out["stall_s_total"] = out["stall_load_s_total"] + out["stall_grad_s_total"]
-        out["optimizer_exposed_s_total"] = self._opt_wait_s
+        # the compute thread's waits: for the loader to bring a chunk in, for the gradient path, and
+        # for the optimizer's update of a chunk
+        thread = {"load": self._load_wait_s, "grad": self.grads.wait_s, "update": self._opt_wait_s}
+        out["thread_wait_s_total"] = sum(thread.values())
+        if self.idle is not None:  # on a GPU, a stall is the GPU idle across those waits
+            self.idle.harvest()
+            sec = self.idle.seconds
+            stall = {"load": sec["load"], "grad": sec["grad"]}
+            exposed = sec["update"] + sec["optimizer"]
+        else:  # no GPU: the waits themselves
+            stall, exposed = {"load": thread["load"], "grad": thread["grad"]}, thread["update"]
+        out["stall_load_s_total"] = stall["load"]
+        out["stall_grad_s_total"] = stall["grad"]
+        out["stall_s_total"] = stall["load"] + stall["grad"]
+        out["optimizer_exposed_s_total"] = exposed  # the optimizer's share of the step nothing hid
         if self.comm is not None:
             self.grads.nccl.harvest()
             out["comm_s_total"] = self.grads.nccl.seconds + self.grads.comm_s
         out["optimizer_work_s_total"] = self.adamw.work_s_total
-        out["pinned_b"] = (self.arena.nbytes if self.arena.registered else 0) + self.grads.pinned_b + self._extra_pinned
+        out["pinned_b"] = ((self.arena.nbytes if self.arena.registered else 0) + self.grads.pinned_b
+                           + (self.copies.nbytes if self.copies is not None and self.copies.registered else 0)
+                           + (self.gpu_moments.nbytes if self.gpu_moments is not None else 0))
         if self.moments is not None:
             out["optimizer_file_b"] = self.moments.nbytes
         return out
 
     def close(self) -> None:
+        sys.setswitchinterval(self._switch_before)
         try:
             self.adamw.wait_all()
         finally:
@@ -431,6 +596,11 @@ class StreamedEngine(Engine):
                 self.share.close()
             else:
                 self.arena.close()
+                if self.copies is not None:
+                    self.copies.close()
+                self.adamw.gpu_moments_ready.wait()
+                if self.gpu_moments is not None:
+                    self.gpu_moments.close()
                 if self.moments is not None:  # scratch: the state that matters is in the checkpoints
                     self.moments.close()
                     self.moments.path.unlink(missing_ok=True)

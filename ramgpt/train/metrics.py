@@ -44,10 +44,12 @@ def transfer_metrics(prev: dict[str, float], cur: dict[str, float], steps: int, 
     stall = cur["stall_s_total"] - prev.get("stall_s_total", 0.0)
     out["stall_s"] = stall / max(steps, 1)
     out["stall_pct"] = 100.0 * stall / dt
-    for part in ("load", "grad"):  # which side the compute thread waited for (metrics.jsonl only)
-        key = f"stall_{part}_s_total"
+    # metrics.jsonl only: which side the GPU waited for, and how long the compute thread itself
+    # waited (on a GPU it may wait while the GPU still has queued work: that costs nothing)
+    for key, name in (("stall_load_s_total", "stall_load_pct"), ("stall_grad_s_total", "stall_grad_pct"),
+                      ("thread_wait_s_total", "thread_wait_pct")):
         if key in cur:
-            out[f"stall_{part}_pct"] = 100.0 * (cur[key] - prev.get(key, 0.0)) / dt
+            out[name] = 100.0 * (cur[key] - prev.get(key, 0.0)) / dt
     if "link_gbps" in cur:
         out["link_gbps"] = cur["link_gbps"]
     return out
