@@ -484,7 +484,8 @@ def estimate(
             )
         )
         assumptions_text.append(
-            f"bf16 copies in one page-locked arena (exact; +{a.pinned_overhead:.0%} driver overhead); the host-path "
+            f"fp32 masters page-locked in one arena, loaded by the GPU and cast to bf16 there (exact; "
+            f"+{a.pinned_overhead:.0%} driver overhead); the host-path "
             "gradient staging slots round up to powers of two"
         )
     if device == "cuda":

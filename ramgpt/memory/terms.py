@@ -182,6 +182,7 @@ class PcieEstimate:
     d2h_bytes: int
     link_gbps: float
     link_source: str
+    weight_h2d_bytes: int = 0  # of h2d_bytes: the weights (the rest: gradient sums and token ids)
 
     @property
     def h2d_s(self) -> float:
@@ -198,6 +199,7 @@ class PcieEstimate:
             "d2h_bytes": self.d2h_bytes,
             "link_gbps": self.link_gbps,
             "link_source": self.link_source,
+            "weight_h2d_bytes": self.weight_h2d_bytes,
             "h2d_s": round(self.h2d_s, 4),
             "d2h_s": round(self.d2h_s, 4),
             # H2D and D2H use separate copy engines and PCIe is full duplex
@@ -483,6 +485,11 @@ def resident_gpu(
 # GPU: streamed engine
 
 
+def _host_copies(profile: Profile) -> bool:
+    """The streamed engine keeps host bf16 copies (``runtime.host_bf16_copies``, not in fp32)."""
+    return profile.runtime.host_bf16_copies and _precision_bytes(profile, "cuda") < 4
+
+
 def _evenly_pinned(n: int, k: int) -> set[int]:
     # same choice as ramtorch.offload_simulator.evenly_pinned
     k = min(k, n)
@@ -521,6 +528,9 @@ def streamed_gpu(profile: Profile, seqs_per_pass: int, *, a: Assumptions = DEFAU
         pb_ = sum(sizes[i] for i in pinned)
         pins.append(Term(f"pinned chunks ({len(pinned)}) + their GPU grad accumulators", 2 * pb_))
     ids = Term("token ids + targets", 2 * T * 8)
+    if d.weight < 4 and not _host_copies(profile):  # the fp32 masters arrive through fp32 scratch and are cast
+        big = max(max(c.tensors) for c in chunks)
+        pins.append(Term("fp32 scratch of the loads being cast (2 pieces)", 2 * 4 * min(big, 16 * 2**20)))
     bnd = T * C * d.resid
     head_grads = Term("head chunk grads (in flight to the host)", sizes[-1] if (n - 1) not in pinned else 0)
     blk = sizes[1] if L else 0
@@ -653,11 +663,14 @@ def pcie_per_step(
     cfg = profile.model
     pb = _precision_bytes(profile, "cuda")
     chunks = chunk_sizes(cfg)
-    sizes = [c.params * pb for c in chunks]
+    sizes = [c.params * pb for c in chunks]  # the gradients leave in the compute dtype
+    # the fp32 masters arrive (cast to bf16 on the GPU), or runtime.host_bf16_copies' copies
+    loads = [c.params * (pb if _host_copies(profile) else 4) for c in chunks]
     pinned = _evenly_pinned(len(chunks), profile.runtime.stream_pin)
     streamed = [i for i in range(len(chunks)) if i not in pinned]
     passes = math.ceil(per_step / max(1, seqs_per_pass))
-    h2d = _belady_loads(sizes, streamed, profile.runtime.stream_window, passes) + 2 * per_step * seq * 8
+    weights = _belady_loads(loads, streamed, profile.runtime.stream_window, passes)
+    h2d = weights + 2 * per_step * seq * 8
     d2h = passes * sum(sizes[i] for i in streamed)
     if resolve_grad_accum(profile.runtime.grad_accum, "cuda") == "device":
         # each pass's sums come back as fp32, and every pass after the first brings them in first;
@@ -666,7 +679,7 @@ def pcie_per_step(
         fp32 = sum(c.params for c in chunks) * 4
         d2h = passes * fp32
         h2d += (passes - 1) * fp32 + (cfg.vocab_size * cfg.n_embd * 4 if cfg.tie_embeddings else 0)
-    return PcieEstimate(passes, h2d, d2h, a.link_gbps, a.link_source)
+    return PcieEstimate(passes, h2d, d2h, a.link_gbps, a.link_source, weights)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -693,7 +706,7 @@ def _data_terms(profile: Profile, seqs: int, a: Assumptions) -> list[Term]:
 
 def _cpu_terms(profile: Profile, engine: str, device: str, seqs: int, a: Assumptions, gpus: int = 1) -> list[Term]:
     """Host RAM of one node. ``gpus`` > 1: one process per GPU; the streamed engine keeps its
-    masters, bf16 copies and AdamW state once per node in shared memory and splits the gradient
+    masters and AdamW state once per node in shared memory and splits the gradient
     accumulators among the processes (each keeps its own chunks'), so only the per-process
     baseline grows with the GPU count."""
     cfg = profile.model
@@ -727,7 +740,9 @@ def _cpu_terms(profile: Profile, engine: str, device: str, seqs: int, a: Assumpt
         out.append(Term("Python + torch + CUDA libraries baseline" + (f" (x {gpus} processes)" if gpus > 1 else ""),
                         a.cuda_baseline_bytes * gpus))
         shared = " (once per node, shared by its processes)" if gpus > 1 else ""
-        out.append(Term("fp32 master weights" + shared, 4 * N))
+        # the GPU loads the masters themselves (cast to bf16 there): they are page-locked in place
+        out.append(Term("fp32 master weights, page-locked" + shared, int(4 * N * (1 + a.pinned_overhead)),
+                        f"{4 * N / GiB:.2f} GiB of tensors in one page-locked arena"))
         out.append(Term("fp32 gradient accumulators" + (" (each process keeps its own chunks')" if gpus > 1 else ""),
                         4 * N))
         chunks = chunk_sizes(cfg)
@@ -738,16 +753,16 @@ def _cpu_terms(profile: Profile, engine: str, device: str, seqs: int, a: Assumpt
             out.append(Term("AdamW state paged in (2 chunks' exp_avg + exp_avg_sq; the rest on disk)",
                             8 * sum(biggest), f"{8 * N / GiB:.2f} GiB in the moments file"))
         else:
-            out.append(Term("AdamW state (exp_avg + exp_avg_sq, fp32)", 8 * N))
+            from ramgpt.memory.timing import gpu_update_share
+
+            share = gpu_update_share(profile, "cuda") if gpus == 1 else 0.0
+            out.append(Term("AdamW state (exp_avg + exp_avg_sq, fp32)", int(8 * N * (1 + share * a.pinned_overhead)),
+                            f"{share:.0%} of it page-locked (the GPU's share of the update)" if share else ""))
         pb = _precision_bytes(profile, "cuda")
-        exact = sum(c.params * pb for c in chunks)
-        out.append(
-            Term(
-                "pinned bf16 copies of every chunk (wte twice)",
-                int(exact * (1 + a.pinned_overhead)),
-                f"{exact / GiB:.2f} GiB of tensors in one page-locked arena",
-            )
-        )
+        if _host_copies(profile) and gpus == 1:
+            exact = sum(c.params * pb for c in chunks)
+            out.append(Term("page-locked bf16 copies of every chunk, wte twice (runtime.host_bf16_copies)",
+                            int(exact * (1 + a.pinned_overhead)), f"{exact / GiB:.2f} GiB of tensors in one arena"))
         slot = max(sum(-(-t * pb // 64) * 64 for t in c.tensors) for c in chunks)
         n_slots = max(2, min(a.grad_slots, len(chunks)))
         # grad_accum=device page-locks the fp32 grads in place (counted above): no staging ring

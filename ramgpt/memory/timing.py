@@ -30,7 +30,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from ramgpt.memory.terms import PcieEstimate, _param_counts, chunk_sizes
+from ramgpt.memory.terms import PcieEstimate, _host_copies, _param_counts, chunk_sizes
 from ramgpt.placement import resolve_grad_accum
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -119,13 +119,21 @@ class SpeedAssumptions:
     adamw_params_per_thread_s: float = 1.1e9 / 0.26 / 16
     """Fused CPU AdamW over fp32 masters where it is not measured (``--card``): 1.1 B parameters
     took 0.26 s on 16 threads (H200 machine; 0.28 s re-measured)."""
-    optimizer_rest_ratio: float = 0.58 / 0.26
-    """The rest of the streamed engine's optimizer phase (gradient-norm clip over the fp32 grads,
-    refresh of the pinned bf16 copies, zeroing) per second of AdamW: the H100 machine's 0.84 s
-    phase was 0.26 s of AdamW and 0.58 s of the rest."""
+    optimizer_rest_ratio: float = 0.5
+    """The streamed engine's chunk-by-chunk update (fused AdamW with the clip folded in, in a
+    worker thread beside the loads of the next forward) per second of a standalone fused AdamW,
+    minus one."""
+    bf16_refresh_ratio: float = 0.11 / 0.26
+    """``runtime.host_bf16_copies``: refreshing the copies after each chunk's update, per second of
+    AdamW (H200 machine: 0.11 s for the 1b against 0.26 s of AdamW)."""
     host_accum_params_per_thread_s: float = 1.1e9 / 0.69 / 16
     """``runtime.grad_accum=host``: the CPU worker's bf16 -> fp32 add, 0.69 s per pass of the 1b on
     16 cores (H100 machine, round 1)."""
+    link_efficiency: float = 0.65
+    """Share of the measured pinned-copy rate the streamed engine's loads reach while training,
+    beside the gradient path's copies: fitted to round 4's final call on the H200 machine (the
+    loads' own copies timed at 41 of 53.7 GB/s; with 0.65 the projected step of the default,
+    fp32-loading engine is within 7% of the measured one, of the host-copies one within 3%)."""
     max_threads: int = 16
     """The CPU rates were measured on 16 threads; more threads are counted as 16 (memory
     bandwidth, not cores, bounds these loops)."""
@@ -289,6 +297,15 @@ class TimeEstimate:
         }
 
 
+def gpu_update_share(profile: Profile, device: str) -> float:
+    """The share of the parameters the streamed engine's GPU updates (``runtime.optimizer_gpu_share``
+    where the engine allows it: CUDA, ``grad_accum=device``, moments in RAM)."""
+    rt = profile.runtime
+    if not device.startswith("cuda") or rt.optimizer_on_disk or resolve_grad_accum(rt.grad_accum, device) != "device":
+        return 0.0
+    return rt.optimizer_gpu_share
+
+
 def _secs(s: float) -> str:
     return f"{s:.2f} s" if s < 60 else f"{s / 60:.1f} min"
 
@@ -333,8 +350,28 @@ def project_time(
     if not cuda or streamed:  # the resident engine's fused AdamW on the GPU takes milliseconds
         optimizer_s = n / adamw_rate
         if streamed:
-            optimizer_s *= 1.0 + a.optimizer_rest_ratio
+            # the update runs chunk by chunk while the next step's first forward loads each chunk as
+            # soon as it is updated: only what outlasts that forward (a quarter of a pass's compute:
+            # forward, recomputed forward, backward) is exposed
+            passes = pcie.passes_per_step if pcie is not None else 1
+            update_s = optimizer_s * (1.0 + a.optimizer_rest_ratio + (a.bf16_refresh_ratio if _host_copies(profile) else 0))
+            share = gpu_update_share(profile, device)
+            if share and pcie is not None:  # the GPU's share streams 16 bytes per parameter in
+                update_s = max((1 - share) * update_s, share * n * 16 / (pcie.link_gbps * 1e9))
+            optimizer_s = max(0.0, update_s - compute_s / max(passes, 1) / 4)
     overlapped = {"compute": compute_s, "transfer": transfer_s, "CPU gradient sum": host_accum_s}
+    if streamed and pcie is not None and pcie.weight_h2d_bytes:
+        # a pass is a forward (a quarter of its compute), which loads half the weights, then a
+        # backward, which loads the other half and the gradient sums: each phase takes the longer of
+        # its compute and its copies, at the share of the link the loads reach while training
+        passes = max(pcie.passes_per_step, 1)
+        link = pcie.link_gbps * 1e9 * a.link_efficiency
+        fwd_c, w = compute_s / passes / 4, pcie.weight_h2d_bytes / passes / 2
+        fwd = max(fwd_c, w / link)
+        bwd = max(3 * fwd_c, (pcie.h2d_bytes / passes - w) / link, pcie.d2h_bytes / passes / link)
+        phased = passes * (fwd + bwd)
+        if phased > compute_s * 1.0001:  # the copies outlast the compute in some phase: the passes' time
+            overlapped["transfer"] = transfer_s = phased
     bound = max(overlapped, key=lambda k: overlapped[k])
     step_s = overlapped[bound] + optimizer_s
     notes = [
@@ -347,7 +384,7 @@ def project_time(
             if pcie is not None and streamed
             else "resident engine: weights stay on the GPU, only token ids cross the link"
         )
-    if optimizer_s:
+    if optimizer_s or streamed:
         notes.append(
             (
                 f"CPU optimizer: fused AdamW measured here at {adamw_rate / 1e6:,.0f} M params/s"
@@ -355,7 +392,10 @@ def project_time(
                 else f"CPU optimizer on {threads} threads: fused AdamW at {a.adamw_params_per_thread_s / 1e6:.0f} M "
                 "params/s per thread (assumed: 1.1 B params in 0.26 s on 16 threads, H200 machine)"
             )
-            + (f", x {1 + a.optimizer_rest_ratio:.2f} for the clip and the bf16 refresh (H100 machine)" if streamed else "")
+            + (f", x {1 + a.optimizer_rest_ratio:.2f} chunk by chunk beside the loads"
+               + (f"; the GPU updates {gpu_update_share(profile, device):.0%} of the parameters through the link"
+                  if gpu_update_share(profile, device) else "")
+               + "; less the first forward it overlaps" if streamed else "")
         )
     else:
         notes.append("optimizer: fused AdamW on the GPU (milliseconds; not counted)")
