@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import math
-import sys
 import threading
 import time
 from collections import defaultdict
@@ -87,13 +86,6 @@ class TransferClock:
                 else:
                     keep.append((a, b))
             self._pending = keep
-
-
-# Python hands the GIL to a waiting thread only after this long (the interpreter's default is 5 ms).
-# The loader, the gradient path and the optimizer's GPU share each need it for a moment to queue
-# their copies while the compute thread is queuing kernels; a chunk's forward on a fast GPU takes
-# ~2 ms, so a 5 ms wait for the GIL starves the copy engines. None: leave the interpreter's.
-GIL_SWITCH_S: float | None = 0.0005
 
 
 class GpuIdleClock:
@@ -259,9 +251,6 @@ class StreamedEngine(Engine):
         self.h2d = TransferClock(self.cuda)
         self.d2h = TransferClock(self.cuda)
         self.idle = GpuIdleClock(device) if self.cuda else None
-        self._switch_before = sys.getswitchinterval()
-        if self.cuda and GIL_SWITCH_S is not None:
-            sys.setswitchinterval(GIL_SWITCH_S)
         self.om = offload_model_class()(modules, device=device, window=window, pin=pin, keep_activations=keep)
         self.om.cast_dtype = self.compute_dtype if self.compute_dtype != torch.float32 and self.copies is None else None
         self.om.grad_sink = self._on_grads
@@ -586,7 +575,6 @@ class StreamedEngine(Engine):
         return out
 
     def close(self) -> None:
-        sys.setswitchinterval(self._switch_before)
         try:
             self.adamw.wait_all()
         finally:
