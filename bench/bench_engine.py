@@ -8,7 +8,7 @@ Sections (run them on one warm machine, so the ratios compare like with like):
   ramtorch   plain ramtorch OffloadModel, 1b, 6 GiB cap, window 3, keep="checkpoint", mb 2
   streamed   ramgpt streamed engine through ramgpt.train.train(), rtx3050-6gb (5.1 GiB budget);
              env SPP (seqs per pass, default 16), ACC (host|device gradient accumulation; default
-             the profile's auto), STEPS
+             the profile's auto), STEPS, SETS (more overrides: "key=value key=value")
   p1b        ramgpt streamed engine, 0p1b under the same 5.1 GiB budget; env STEPS, ACC
   p1b_resident  resident PyTorch, 0p1b, no cap (the p1b section's baseline); env MB, STEPS
   agree      small model: resident vs streamed bf16 loss curves on the GPU (same init, same data);
@@ -71,7 +71,8 @@ class Capture:
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in m.items()
                           if k in ("step", "loss", "tokens_per_s", "step_time_s", "optimizer_time_s", "mfu",
                                    "vram_peak_reserved_b", "h2d_gbps", "d2h_gbps", "stall_pct", "eval_loss",
-                                   "optimizer_exposed_s", "optimizer_share", "pinned_b", "rss_b")}),
+                                   "optimizer_exposed_s", "optimizer_share", "pinned_b", "rss_b",
+                                   "stall_load_pct", "stall_grad_pct", "thread_wait_pct")}),
               flush=True)
 
     def progress(self, step, **quick):
@@ -149,6 +150,12 @@ def _train_section(profile_name: str, sets: list[str], steps: int, label: str) -
         "h2d_gbps": statistics.median(r.get("h2d_gbps", float("nan")) for r in timed),
         "d2h_gbps": statistics.median(r.get("d2h_gbps", float("nan")) for r in timed),
         "stall_pct": statistics.median(r.get("stall_pct", float("nan")) for r in timed),
+        "stall_load_pct": statistics.median(r.get("stall_load_pct", float("nan")) for r in timed),
+        "stall_grad_pct": statistics.median(r.get("stall_grad_pct", float("nan")) for r in timed),
+        "thread_wait_pct": statistics.median(r.get("thread_wait_pct", float("nan")) for r in timed),
+        "per_step": [{k: r.get(k) for k in ("step", "step_time_s", "tokens_per_s", "optimizer_time_s",
+                                            "optimizer_exposed_s", "stall_pct", "stall_load_pct", "stall_grad_pct",
+                                            "thread_wait_pct")} for r in cap.rows],
         "optimizer_exposed_pct": 100 * statistics.median(r.get("optimizer_share", float("nan")) for r in timed),
         "pinned_gib": cap.rows[-1].get("pinned_b", 0) / 2**30,
         "first_pass_starts_s": next((t for ph, t in cap.phases if ph == "first step"), float("nan")),
@@ -182,7 +189,8 @@ def section_streamed(out: Path) -> dict:
     steps = int(os.environ.get("STEPS", "4"))
     acc = os.environ.get("ACC")
     prof = os.environ.get("PROFILE", "rtx3050-6gb")
-    return _train_section(prof, [f"runtime.seqs_per_pass={spp}", *_acc_sets()], steps,
+    extra = os.environ.get("SETS", "").split()  # more --set overrides, e.g. SETS="runtime.optimizer_gpu_share=0"
+    return _train_section(prof, [f"runtime.seqs_per_pass={spp}", *_acc_sets(), *extra], steps,
                           f"streamed-{prof}-{acc or 'auto'}-{os.getpid()}")  # a fresh run directory each time
 
 
