@@ -4,7 +4,6 @@
 # Both: the CUDA engine tests and the plain resident ceiling harness, then
 # dev: `ramgpt train --profile rtx3050-6gb` 8 steps with the GPU's share of the update at 0.4
 #   (shipped), 0 and 0.55, and with 12 CPU threads;
-# cast: the default against runtime.host_cast_share=0;
 # final: the shipped settings 10 steps with a background save at step 6, the same with
 #   runtime.host_bf16_copies, with a 4-chunk window, the resident engine, the desktop-16gb low-RAM profile, torchrun
 #   with one rank; and estimate-memory's projection on this machine.
@@ -24,11 +23,7 @@ run() {  # LIMIT CMD...
 }
 run 120 python3 -m pytest -q -p no:cacheprovider tests/test_engine.py
 run 40 python3 bench/perf.py ceiling --out "$res"
-if [ "$mode" = cast ]; then
-  # the forward's CPU-cast share of the blocks: the default (0.5) and 0, each 8 steps
-  run 100 env SPP=16 STEPS=8 python3 bench/bench_engine.py streamed --out "$res" --tag=_r4
-  run 100 env SPP=16 STEPS=8 SETS="runtime.host_cast_share=0" python3 bench/bench_engine.py streamed --out "$res" --tag=_nocast
-elif [ "$mode" = dev ]; then
+if [ "$mode" = dev ]; then
   run 120 env SPP=16 STEPS=8 python3 bench/bench_engine.py streamed --out "$res" --tag=_r4
   run 100 env SPP=16 STEPS=8 SETS="runtime.optimizer_gpu_share=0" python3 bench/bench_engine.py streamed --out "$res" --tag=_cpuopt
   run 100 env SPP=16 STEPS=8 SETS="runtime.optimizer_gpu_share=0.55" python3 bench/bench_engine.py streamed --out "$res" --tag=_gpu55

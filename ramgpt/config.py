@@ -226,14 +226,6 @@ class RuntimeConfig(_Section):
         "and casting them on the GPU. Halves the weights' link traffic: faster only where the link, not the GPU, "
         "limits a pass (an H200 with a 5 GiB budget: docs/benchmarks.md); one process only.",
     )
-    host_cast_share: float = Field(
-        0.5,
-        ge=0.0,
-        le=1.0,
-        description="Streamed engine, without host_bf16_copies: share of the blocks whose forward loads are cast to "
-        "bf16 on the CPU (into two small page-locked stages) and cross the link in bf16; the rest cross in fp32 and "
-        "are cast on the GPU. Splits a pass's forward between the link and the idle CPU; 0: all on the GPU.",
-    )
     optimizer_dir: str | None = Field(
         None, description="Where the low-RAM mode's moments file goes (default: the run directory); use a fast local disk."
     )

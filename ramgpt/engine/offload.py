@@ -79,21 +79,7 @@ def offload_model_class():
         With ``load_src`` (the 1-D host buffer the masters are views of) and ``load_plans`` (per
         chunk, :func:`load_plan`), a chunk's tensors that lie back to back load as one run: one
         copy and one cast per 64 MiB piece instead of four operations per tensor.
-
-        ``host_cast`` (chunk indices) and ``host_stage`` (page-locked 1-D buffers of
-        ``cast_dtype``, each as large as the largest of those chunks): a forward load of such a
-        chunk is cast on the CPU into a free stage and crosses the link in ``cast_dtype``, half the
-        bytes. The forward of a pass loads every chunk in a quarter of the pass's compute, so on a
-        fast GPU the fp32 loads alone outrun the link; the CPU, idle during the passes, takes part.
         """
-
-        host_cast: frozenset[int] = frozenset()
-        host_stage: tuple[torch.Tensor, ...] = ()
-
-        def __init__(self, *args, **kwargs):
-            self._kinds: dict[int, str] = {}  # set before ramtorch starts its loader thread
-            self._stage_ring: dict | None = None
-            super().__init__(*args, **kwargs)
 
         cast_dtype: torch.dtype | None = None
         load_src: torch.Tensor | None = None
@@ -107,12 +93,6 @@ def offload_model_class():
         acquire_observer: Callable[[float, bool], None] | None = None
         update_running: Callable[[], bool] = staticmethod(lambda: False)
 
-        def _pick_load(self):
-            cand = super()._pick_load()
-            if cand is not None:  # what the loader chose is loaded for a forward ("F") or a backward
-                self._kinds[cand[0]] = self._future_kinds[cand[1]]
-            return cand
-
         def _accumulate(self, state, named_grads):  # noqa: D401
             if named_grads:
                 self.grad_sink(state.idx, named_grads)
@@ -124,8 +104,7 @@ def offload_model_class():
             with obs(state) if obs is not None else nullcontext():
                 plan = self.load_plans[state.idx] if self.load_plans is not None and not state.nvme else None
                 if plan is not None and not self._keep_graph:
-                    host = bool(self.host_stage) and state.idx in self.host_cast and self._kinds.get(state.idx) == "F"
-                    return self._load_runs(plan, host)
+                    return self._load_runs(plan)
                 if self.cast_dtype is None or state.nvme:
                     return super()._materialize(state)
                 return self._materialize_cast(state)
@@ -143,37 +122,14 @@ def offload_model_class():
             cast_copy(out, t, self._cast_scratch() if t.dtype == torch.float32 else None)
             return out
 
-        def _host_stage(self) -> int:
-            """The next page-locked stage, once the copy that last read it has finished."""
-            if self._stage_ring is None:
-                self._stage_ring = {"next": 0, "events": [None] * len(self.host_stage)}
-            ring = self._stage_ring
-            i = ring["next"]
-            ring["next"] = (i + 1) % len(self.host_stage)
-            if ring["events"][i] is not None:
-                ring["events"][i].synchronize()
-            return i
-
-        def _load_runs(self, runs: list[Run], host: bool = False) -> dict[str, torch.Tensor]:
+        def _load_runs(self, runs: list[Run]) -> dict[str, torch.Tensor]:
             out = {}
-            offset = 0
-            stage_i = self._host_stage() if host else None
             for start, end, members in runs:
                 buf = torch.empty(end - start, dtype=self.cast_dtype or self.load_src.dtype, device=self.device)
                 src = self.load_src[start:end]
-                if stage_i is not None:  # cast on the CPU into the stage, then half the bytes cross
-                    staged = self.host_stage[stage_i][offset : offset + (end - start)]
-                    offset += end - start
-                    staged.copy_(src)
-                    buf.copy_(staged, non_blocking=True)
-                else:
-                    cast_copy(buf, src, self._cast_scratch() if buf.dtype != src.dtype else None)
+                cast_copy(buf, src, self._cast_scratch() if buf.dtype != src.dtype else None)
                 for name, off, shape in members:
                     out[name] = buf[off : off + shape.numel()].view(shape)
-            if stage_i is not None and self._cuda:
-                ev = torch.cuda.Event()
-                ev.record()
-                self._stage_ring["events"][stage_i] = ev
             return out
 
         def _materialize_cast(self, state):

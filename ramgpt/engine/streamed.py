@@ -183,15 +183,14 @@ class StreamedEngine(Engine):
     def __init__(self, model: GPT, *, device: str, precision: str, optim_cfg, seqs_per_pass: int,
                  window: int = 3, pin: int = 0, vram_budget_b: int | None = None, grad_accum: str = "host",
                  moments_file: Path | None = None, comm: Comm | None = None, optimizer_gpu_share: float = 0.0,
-                 host_bf16_copies: bool = False, host_cast_share: float = 0.0):
+                 host_bf16_copies: bool = False):
         """``moments_file``: the low-RAM mode (``runtime.optimizer_on_disk``): AdamW's moments live in
         this memory-mapped file (removed on close) instead of RAM. ``comm``: one of several ranks
         (:mod:`ramgpt.dist`): the state is shared by the node's ranks and each chunk updated by its owner.
         ``optimizer_gpu_share``: the share of the parameters whose update the GPU does (one process on
         CUDA with ``grad_accum=device``, moments in RAM; otherwise the CPU updates everything).
         ``host_bf16_copies``: keep page-locked bf16 copies of the chunks for the GPU to load (one
-        process; the default loads the fp32 masters and casts them on the GPU). ``host_cast_share``:
-        without copies, the share of the blocks whose forward loads are cast on the CPU instead."""
+        process; the default loads the fp32 masters and casts them on the GPU)."""
         if device.startswith("cuda") and torch.device(device).index is None:
             # worker threads must name the device: the current one is per thread
             device = f"cuda:{torch.cuda.current_device()}"
@@ -264,9 +263,6 @@ class StreamedEngine(Engine):
             self._adopt_masters()
         # a chunk's tensors lie back to back in the arena the GPU loads from: each loads as one run
         # (where ramtorch re-pinned them elsewhere, load_plan finds no run and they load one by one)
-        self.stage: HostArena | None = None
-        if self.om.cast_dtype is not None and host_cast_share > 0:
-            self._stage_forward_casts(host_cast_share, device)
         src = self.copies if self.copies is not None else self.arena
         item = self.compute_dtype.itemsize if self.copies is not None else 4
         self.om.load_src = src.buf.view(self.compute_dtype if self.copies is not None else torch.float32)
@@ -351,21 +347,6 @@ class StreamedEngine(Engine):
                     view.copy_(p.detach())
                 p.data = view  # the same Parameter object (the optimizer holds it), shared storage
         comm.barrier()
-
-    def _stage_forward_casts(self, share: float, device: str) -> None:
-        """``share`` of the blocks (spread evenly) load for the forward through the CPU: cast there
-        into one of two page-locked stages, they cross the link in bf16 (see offload.py)."""
-        blocks = list(range(1, len(self.masters) - 1))
-        k = round(share * len(blocks))
-        chosen = [blocks[int(i * len(blocks) / k)] for i in range(k)] if k else []
-        if not chosen:
-            return
-        item = self.compute_dtype.itemsize
-        size = max(sum(aligned(p.numel() * item) for p in self.masters[i].parameters()) for i in chosen)
-        self.stage = HostArena(2 * size, device, "the forward's CPU-cast stages")
-        n = size // item
-        self.om.host_stage = (self.stage.take((n,), self.compute_dtype), self.stage.take((n,), self.compute_dtype))
-        self.om.host_cast = frozenset(chosen)
 
     @torch.no_grad()
     def _adopt_masters(self) -> None:
@@ -588,7 +569,6 @@ class StreamedEngine(Engine):
         out["optimizer_work_s_total"] = self.adamw.work_s_total
         out["pinned_b"] = ((self.arena.nbytes if self.arena.registered else 0) + self.grads.pinned_b
                            + (self.copies.nbytes if self.copies is not None and self.copies.registered else 0)
-                           + (self.stage.nbytes if self.stage is not None and self.stage.registered else 0)
                            + (self.gpu_moments.nbytes if self.gpu_moments is not None else 0))
         if self.moments is not None:
             out["optimizer_file_b"] = self.moments.nbytes
@@ -600,8 +580,6 @@ class StreamedEngine(Engine):
         finally:
             self.grads.close()
             self.om.close()
-            if self.stage is not None:
-                self.stage.close()
             if self.share is not None:
                 self.share.close()
             else:
