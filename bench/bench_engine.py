@@ -72,7 +72,8 @@ class Capture:
                           if k in ("step", "loss", "tokens_per_s", "step_time_s", "optimizer_time_s", "mfu",
                                    "vram_peak_reserved_b", "h2d_gbps", "d2h_gbps", "stall_pct", "eval_loss",
                                    "optimizer_exposed_s", "optimizer_share", "pinned_b", "rss_b",
-                                   "stall_load_pct", "stall_grad_pct", "thread_wait_pct")}),
+                                   "stall_load_pct", "stall_grad_pct", "stall_load_fwd_pct", "stall_load_bwd_pct",
+                                   "thread_wait_pct")}),
               flush=True)
 
     def progress(self, step, **quick):
@@ -152,9 +153,12 @@ def _train_section(profile_name: str, sets: list[str], steps: int, label: str) -
         "stall_pct": statistics.median(r.get("stall_pct", float("nan")) for r in timed),
         "stall_load_pct": statistics.median(r.get("stall_load_pct", float("nan")) for r in timed),
         "stall_grad_pct": statistics.median(r.get("stall_grad_pct", float("nan")) for r in timed),
+        "stall_load_fwd_pct": statistics.median(r.get("stall_load_fwd_pct", float("nan")) for r in timed),
+        "stall_load_bwd_pct": statistics.median(r.get("stall_load_bwd_pct", float("nan")) for r in timed),
         "thread_wait_pct": statistics.median(r.get("thread_wait_pct", float("nan")) for r in timed),
         "per_step": [{k: r.get(k) for k in ("step", "step_time_s", "tokens_per_s", "optimizer_time_s",
                                             "optimizer_exposed_s", "stall_pct", "stall_load_pct", "stall_grad_pct",
+                                            "stall_load_fwd_pct", "stall_load_bwd_pct",
                                             "thread_wait_pct")} for r in cap.rows],
         "optimizer_exposed_pct": 100 * statistics.median(r.get("optimizer_share", float("nan")) for r in timed),
         "pinned_gib": cap.rows[-1].get("pinned_b", 0) / 2**30,

@@ -267,3 +267,33 @@ def test_gpu_share_of_the_update_follows_the_forward_order() -> None:
         first = sum(sizes[i] for i in on_gpu if i < 19) / sum(sizes[:19])
         assert abs(first - share) < 0.12, (share, first)
     assert gpu_update_chunks(sizes, 0.0) == [] and gpu_update_chunks(sizes, 1.0) == list(range(len(sizes)))
+
+
+def test_stall_counters_tell_forward_loads_from_backward_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Slow every chunk load: the compute thread then waits in both halves of each pass, and the
+    counters split those waits by the phase the chunk was wanted for (F or B)."""
+    import time
+
+    from ramgpt.engine import offload
+    from ramgpt.train.metrics import transfer_metrics
+
+    real = offload.cast_copy
+
+    def slow_copy(dst, src, scratch=None):
+        time.sleep(0.01)
+        real(dst, src, scratch)
+
+    monkeypatch.setattr(offload, "cast_copy", slow_copy)
+    cfg = ModelConfig(n_layer=3, n_head=2, n_embd=32, block_size=16, vocab_size=64)
+    stm = StreamedEngine(GPT(cfg), device="cpu", precision="fp32", optim_cfg=OptimConfig(lr=1e-3),
+                         seqs_per_pass=2, window=2)
+    try:
+        x = torch.randint(0, cfg.vocab_size, (4, 16))
+        stm.train_step(x, x, 1e-3)
+        c = stm.counters()
+        assert c["stall_load_fwd_s_total"] > 0.01 and c["stall_load_bwd_s_total"] > 0.01, c
+        assert c["stall_load_fwd_s_total"] + c["stall_load_bwd_s_total"] == pytest.approx(c["stall_load_s_total"])
+        m = transfer_metrics({}, c, steps=1, dt=1.0)
+        assert m["stall_load_fwd_pct"] + m["stall_load_bwd_pct"] == pytest.approx(m["stall_load_pct"])
+    finally:
+        stm.close()

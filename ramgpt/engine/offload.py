@@ -69,10 +69,11 @@ def offload_model_class():
         - ``load_gate(chunk_idx)`` runs on the loader thread before a chunk is copied to the GPU
           (the optimizer may still be updating it);
         - ``load_observer(state)`` is a context manager around the copy (transfer timing);
-        - ``acquire_observer(seconds, during_update)`` gets every compute-thread wait for a chunk,
-          and whether a gated update was still running when the wait began;
-        - ``gpu_wait`` (a context manager factory taking ``during_update``) brackets each wait with
-          events on the compute stream, so the GPU's own idle time is measured.
+        - ``acquire_observer(seconds, during_update, phase)`` gets every compute-thread wait for a
+          chunk, whether a gated update was still running when the wait began, and whether the
+          chunk was wanted for a forward ("F") or a backward ("B");
+        - ``gpu_wait`` (a context manager factory taking ``during_update, phase``) brackets each
+          wait with events on the compute stream, so the GPU's own idle time is measured.
 
         With ``cast_dtype`` set, the chunks' floating tensors (the fp32 masters) are cast to it on
         the device as they are loaded, so no low-precision copy of the weights is kept on the host.
@@ -159,12 +160,14 @@ def offload_model_class():
             if self.acquire_observer is None:
                 return super()._acquire(layer)
             during = self.update_running()
+            # the itinerary is announced and advanced by this (the compute) thread: safe to read
+            phase = self._future_kinds[self._fpos] if self._fpos < len(self._future_kinds) else "F"
             t0 = time.perf_counter()
             try:
-                with self.gpu_wait(during) if self.gpu_wait is not None else nullcontext():
+                with self.gpu_wait(during, phase) if self.gpu_wait is not None else nullcontext():
                     return super()._acquire(layer)
             finally:
-                self.acquire_observer(time.perf_counter() - t0, during)
+                self.acquire_observer(time.perf_counter() - t0, during, phase)
 
     return _GradTapOffloadModel
 

@@ -318,7 +318,7 @@ class StreamedEngine(Engine):
         self._norm_from_path = False
         self._update_gate = None
         self._opt_wait_s = 0.0  # compute-thread waits for chunks the optimizer had not updated yet
-        self._load_wait_s = 0.0
+        self._load_wait_s: dict[str, float] = defaultdict(float)  # by the phase the chunk was for: F or B
         del modules
         release_freed_heap()
 
@@ -374,8 +374,8 @@ class StreamedEngine(Engine):
                 if k in self._master_of[idx]:
                     t.data.copy_(self._master_of[idx][k])
 
-    def _gpu_wait(self, during_update: bool):
-        return self.idle.span("update" if during_update else "load")
+    def _gpu_wait(self, during_update: bool, phase: str):
+        return self.idle.span("update" if during_update else f"load_{phase}")
 
     # -- ramtorch hooks ------------------------------------------------------------------------
     def _observe_load(self, state):
@@ -395,11 +395,11 @@ class StreamedEngine(Engine):
                                    f"{self.update_timeout_s:.0f} s")
             time.sleep(0.0005)
 
-    def _observe_wait(self, seconds: float, during_update: bool) -> None:
+    def _observe_wait(self, seconds: float, during_update: bool, phase: str) -> None:
         if during_update:
             self._opt_wait_s += seconds
         else:
-            self._load_wait_s += seconds
+            self._load_wait_s[phase] += seconds
 
     def _on_grads(self, idx: int, named_grads: dict[str, torch.Tensor]) -> None:
         with self.idle.span("grad") if self.idle is not None else nullcontext():
@@ -550,15 +550,20 @@ class StreamedEngine(Engine):
         out["d2h_seconds_total"] = self.d2h.seconds
         # the compute thread's waits: for the loader to bring a chunk in, for the gradient path, and
         # for the optimizer's update of a chunk
-        thread = {"load": self._load_wait_s, "grad": self.grads.wait_s, "update": self._opt_wait_s}
+        loads = self._load_wait_s
+        thread = {"load": loads["F"] + loads["B"], "grad": self.grads.wait_s, "update": self._opt_wait_s}
         out["thread_wait_s_total"] = sum(thread.values())
         if self.idle is not None:  # on a GPU, a stall is the GPU idle across those waits
             self.idle.harvest()
             sec = self.idle.seconds
-            stall = {"load": sec["load"], "grad": sec["grad"]}
+            fwd, bwd = sec["load_F"], sec["load_B"]
+            stall = {"load": fwd + bwd, "grad": sec["grad"]}
             exposed = sec["update"] + sec["optimizer"]
         else:  # no GPU: the waits themselves
+            fwd, bwd = loads["F"], loads["B"]
             stall, exposed = {"load": thread["load"], "grad": thread["grad"]}, thread["update"]
+        # which loads the GPU waited for: the forward's or the backward's (the two halves of a pass)
+        out["stall_load_fwd_s_total"], out["stall_load_bwd_s_total"] = fwd, bwd
         out["stall_load_s_total"] = stall["load"]
         out["stall_grad_s_total"] = stall["grad"]
         out["stall_s_total"] = stall["load"] + stall["grad"]

@@ -47,6 +47,7 @@ def transfer_metrics(prev: dict[str, float], cur: dict[str, float], steps: int, 
     # metrics.jsonl only: which side the GPU waited for, and how long the compute thread itself
     # waited (on a GPU it may wait while the GPU still has queued work: that costs nothing)
     for key, name in (("stall_load_s_total", "stall_load_pct"), ("stall_grad_s_total", "stall_grad_pct"),
+                      ("stall_load_fwd_s_total", "stall_load_fwd_pct"), ("stall_load_bwd_s_total", "stall_load_bwd_pct"),
                       ("thread_wait_s_total", "thread_wait_pct")):
         if key in cur:
             out[name] = 100.0 * (cur[key] - prev.get(key, 0.0)) / dt
