@@ -68,6 +68,12 @@ def test_slow_link_makes_it_transfer_bound():
     t = TM.project_time(p, engine="streamed", device="cuda", pcie=pcie, rates=_rates(tflops=1000.0))
     assert t.bound == "transfer" and t.step_s == pytest.approx(t.transfer_s + t.optimizer_s)
     assert "transfer-bound" in t.lines()[0]
+    # the plan names the setting that halves the weights' traffic, and what it costs
+    assert any("runtime.host_bf16_copies=true" in x and "2.0 GiB more RAM" in x for x in t.assumptions), t.assumptions
+    copies = load_profile("rtx3050-6gb", ["runtime.host_bf16_copies=true"], use_env=False)
+    pc = replace(M.pcie_per_step(copies, 16, "streamed"), link_gbps=0.5)
+    t2 = TM.project_time(copies, engine="streamed", device="cuda", pcie=pc, rates=_rates(tflops=1000.0))
+    assert t2.step_s < t.step_s and not any("host_bf16_copies" in x for x in t2.assumptions)
 
 
 def test_resident_gpu_and_cpu():
