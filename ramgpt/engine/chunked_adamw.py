@@ -130,12 +130,21 @@ class ChunkedAdamW:
                 if k in st:
                     self.moments.prefetch(st[k])
 
-    def _groups(self, i: int) -> list[list[nn.Parameter]]:
+    def _groups(self, i: int, lr: float) -> list[tuple[dict, list[nn.Parameter], list[dict]]]:
+        """Chunk ``i``'s parameters that have gradients, per weight-decay group, with their AdamW
+        states, the step counters advanced as torch's fused AdamW does before its kernel."""
         by_group: dict[int, list[nn.Parameter]] = {}
         for p in self.chunks[i]:
             if p.grad is not None:
                 by_group.setdefault(id(self.group_of[id(p)]), []).append(p)
-        return list(by_group.values())
+        out = []
+        for ps in by_group.values():
+            g = self.group_of[id(ps[0])]
+            states = [self._ensure_state(p) for p in ps]
+            torch._foreach_add_([s["step"] for s in states], 1)
+            g["lr"] = lr
+            out.append((g, ps, states))
+        return out
 
     @torch.no_grad()
     def step_chunk_gpu(self, i: int, lr: float, grad_scale: float) -> None:
@@ -158,11 +167,7 @@ class ChunkedAdamW:
         for s in streams:
             s.wait_stream(cur)  # the scale is written
         k = 0
-        for ps in self._groups(i):
-            g = self.group_of[id(ps[0])]
-            states = [self._ensure_state(p) for p in ps]
-            steps = [s["step"] for s in states]
-            torch._foreach_add_(steps, 1)
+        for g, ps, states in self._groups(i, lr):
             beta1, beta2 = g["betas"]
             for p, st in zip(ps, states):
                 step_d = torch.full((), float(st["step"]), dtype=torch.float32, device=dev)
@@ -187,7 +192,6 @@ class ChunkedAdamW:
                             host[j][a:b].copy_(d[j], non_blocking=True)
                 step_d.record_stream(streams[0])
                 step_d.record_stream(streams[1])
-            g["lr"] = lr
         for s in streams:
             s.synchronize()
 
@@ -195,18 +199,14 @@ class ChunkedAdamW:
     def step_chunk(self, i: int, lr: float, grad_scale: torch.Tensor, found_inf: torch.Tensor) -> None:
         """``torch._fused_adamw_`` on chunk ``i``'s parameters, per weight-decay group."""
         self._prefetch(i + 1)  # the OS reads the next chunk's moments while this one updates
-        for ps in self._groups(i):
-            g = self.group_of[id(ps[0])]
-            states = [self._ensure_state(p) for p in ps]
-            steps = [s["step"] for s in states]
-            torch._foreach_add_(steps, 1)
+        for g, ps, states in self._groups(i, lr):
             beta1, beta2 = g["betas"]
             torch._fused_adamw_(
                 ps, [p.grad for p in ps], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [],
-                steps, amsgrad=False, lr=lr, beta1=beta1, beta2=beta2, weight_decay=g["weight_decay"],
-                eps=g["eps"], maximize=False, grad_scale=grad_scale, found_inf=found_inf,
+                [s["step"] for s in states], amsgrad=False, lr=lr, beta1=beta1, beta2=beta2,
+                weight_decay=g["weight_decay"], eps=g["eps"], maximize=False, grad_scale=grad_scale,
+                found_inf=found_inf,
             )
-            g["lr"] = lr
         self.release(self.chunks[i])
 
     # -- the background job ----------------------------------------------------------------------

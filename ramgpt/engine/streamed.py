@@ -365,7 +365,7 @@ class StreamedEngine(Engine):
                     t.data = m.detach()
 
     @torch.no_grad()
-    def _refresh_gpu_chunk(self, idx: int) -> None:
+    def _refresh_copies(self, idx: int) -> None:
         """A chunk's copies from its updated masters: the host bf16 copies (``host_bf16_copies``)
         and a chunk kept on the GPU (synchronous, so it is done before the chunk is marked ready)."""
         st = self.om._state[idx]
@@ -489,7 +489,7 @@ class StreamedEngine(Engine):
         if self.share is not None:
             for j in self._tied_from[idx]:
                 self._wait_for_update(j)
-        self._refresh_gpu_chunk(idx)
+        self._refresh_copies(idx)
         if self.share is not None:
             self.share.flags[idx] = self._update_count  # the node's other ranks may load it now
 
@@ -534,7 +534,7 @@ class StreamedEngine(Engine):
     def _after_optimizer(self) -> None:
         """After a resume: drop stale GPU copies (chunks kept on the GPU are refreshed)."""
         for idx in range(len(self.masters)):
-            self._refresh_gpu_chunk(idx)
+            self._refresh_copies(idx)
         self.om.invalidate_residency()
 
     def counters(self) -> dict[str, float]:
