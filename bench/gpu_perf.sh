@@ -8,14 +8,7 @@ out=$1
 res=$out/res
 mkdir -p "$res"
 log=$out/log-perf.txt
-{ date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; nproc
-  python3 -c "import torch, ramtorch; print('torch', torch.__version__, 'ramtorch', ramtorch.__version__)"; } >>"$log" 2>&1
-run() {  # LIMIT CMD...
-  local limit=$1; shift
-  echo "== $*" >>"$log"
-  timeout "$limit" "$@" >>"$log" 2>&1
-  echo "rc=$?" >>"$log"
-}
+. "$(dirname "$0")/gpu_lib.sh"
 run 120 python3 -m pytest -q -p no:cacheprovider tests/test_engine.py
 run 90 python3 bench/perf.py ceiling --out "$res"
 run 150 env SPP=16 STEPS=8 python3 bench/bench_engine.py streamed --out "$res" --tag=_round3

@@ -13,14 +13,7 @@ mode=${2:-final}
 res=$out/res
 mkdir -p "$res"
 log=$out/log-round4-$mode.txt
-{ date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; nproc; df -h /tmp /dev/shm
-  python3 -c "import torch, ramtorch; print('torch', torch.__version__, 'ramtorch', ramtorch.__version__)"; } >>"$log" 2>&1
-run() {  # LIMIT CMD...
-  local limit=$1; shift
-  echo "== $*" >>"$log"
-  timeout "$limit" "$@" >>"$log" 2>&1
-  echo "rc=$?" >>"$log"
-}
+. "$(dirname "$0")/gpu_lib.sh"
 run 120 python3 -m pytest -q -p no:cacheprovider tests/test_engine.py
 run 40 python3 bench/perf.py ceiling --out "$res"
 if [ "$mode" = dev ]; then
