@@ -73,7 +73,7 @@ class Capture:
                                    "vram_peak_reserved_b", "h2d_gbps", "d2h_gbps", "stall_pct", "eval_loss",
                                    "optimizer_exposed_s", "optimizer_share", "pinned_b", "rss_b",
                                    "stall_load_pct", "stall_grad_pct", "stall_load_fwd_pct", "stall_load_bwd_pct",
-                                   "thread_wait_pct")}),
+                                   "thread_wait_pct", "vram_alloc_retries")}),
               flush=True)
 
     def progress(self, step, **quick):
@@ -156,10 +156,11 @@ def _train_section(profile_name: str, sets: list[str], steps: int, label: str) -
         "stall_load_fwd_pct": statistics.median(r.get("stall_load_fwd_pct", float("nan")) for r in timed),
         "stall_load_bwd_pct": statistics.median(r.get("stall_load_bwd_pct", float("nan")) for r in timed),
         "thread_wait_pct": statistics.median(r.get("thread_wait_pct", float("nan")) for r in timed),
+        "vram_alloc_retries": statistics.median(r.get("vram_alloc_retries", float("nan")) for r in timed),
         "per_step": [{k: r.get(k) for k in ("step", "step_time_s", "tokens_per_s", "optimizer_time_s",
                                             "optimizer_exposed_s", "stall_pct", "stall_load_pct", "stall_grad_pct",
                                             "stall_load_fwd_pct", "stall_load_bwd_pct",
-                                            "thread_wait_pct")} for r in cap.rows],
+                                            "thread_wait_pct", "vram_alloc_retries")} for r in cap.rows],
         "optimizer_exposed_pct": 100 * statistics.median(r.get("optimizer_share", float("nan")) for r in timed),
         "pinned_gib": cap.rows[-1].get("pinned_b", 0) / 2**30,
         "first_pass_starts_s": next((t for ph, t in cap.phases if ph == "first step"), float("nan")),
@@ -305,6 +306,17 @@ def main() -> None:
     ap.add_argument("--tag", default="", help="suffix of the result file: DIR/<section><tag>.json")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if os.environ.get("LOAD_SLOTS") == "0":  # A/B: a fresh device allocation per chunk load (before round 5)
+        from ramgpt.engine import streamed
+
+        make = streamed.offload_model_class
+
+        def without_slots():
+            cls = make()
+            cls.use_load_slots = False
+            return cls
+
+        streamed.offload_model_class = without_slots
     res = SECTIONS[args.section](args.out)
     res["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     res["torch"] = torch.__version__

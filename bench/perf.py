@@ -259,6 +259,30 @@ def section_trace(out: Path) -> dict:
     span_ms = (comp[-1]["ts"] + comp[-1]["dur"] - comp[0]["ts"]) / 1e3
     busy_ms = sum(e["dur"] for e in comp) / 1e3
     gaps = sorted(((b["ts"] - a["ts"] - a["dur"]) / 1e3 for a, b in zip(comp, comp[1:])), reverse=True)
+    # where the compute stream idled: each gap over 0.2 ms goes to the F<i>/B<i> range (its GPU-side
+    # span) of the kernel after it; and how busy the copy engines were
+    ann = sorted(((e["ts"], e["ts"] + e["dur"], e["name"]) for e in ev if e.get("cat") == "gpu_user_annotation"
+                  and e["name"][:1] in "FB" and e["name"][1:2].isdigit()), key=lambda a: a[0])
+    by_range: dict = {}
+    for a, b in zip(comp, comp[1:]):
+        g = (b["ts"] - a["ts"] - a["dur"]) / 1e3
+        if g <= 0.2:
+            continue
+        label = next((nm.split()[0] for lo, hi, nm in ann if lo <= b["ts"] <= hi), "other")
+        key = label[0] if label != "other" else "other"
+        by_range.setdefault(key, [0.0, 0])
+        by_range[key][0] += g
+        by_range[key][1] += 1
+        by_range.setdefault("at " + label, [0.0, 0])
+        by_range["at " + label][0] += g
+        by_range["at " + label][1] += 1
+    top = dict(sorted(by_range.items(), key=lambda kv: -kv[1][0])[:16])
+    copies = {}
+    for e in kern:
+        if e.get("cat") == "gpu_memcpy":
+            kind = "h2d" if "HtoD" in e["name"] else "d2h" if "DtoH" in e["name"] else "d2d"
+            copies[kind] = copies.get(kind, 0.0) + e["dur"] / 1e3
+    alloc = torch.cuda.memory_stats()
     with gzip.open(out / "trace-step.json.gz", "wt") as f:
         json.dump(tr, f)
     counters = {k: c1[k] - c0.get(k, 0) for k in c1 if k.endswith("_total")}
@@ -266,7 +290,8 @@ def section_trace(out: Path) -> dict:
     return {"build_model_s": build_s, "build_engine_s": engine_s, "pinned_ok": pinned_ok, "in_arena": in_arena,
             "pinned_gib": c1["pinned_b"] / 2**30, "step_s": steps, "grad_norm": rep.grad_norm, "traced_step_s": traced_s,
             "compute_span_ms": span_ms, "compute_busy_ms": busy_ms, "gaps_over_1ms": sum(g for g in gaps if g > 1),
-            "largest_gaps_ms": gaps[:8], "counters": counters, "spp": spp}
+            "largest_gaps_ms": gaps[:8], "gaps_over_0p2ms_by_range_ms_n": top, "copy_busy_ms": copies,
+            "alloc_retries": alloc.get("num_alloc_retries", 0), "counters": counters, "spp": spp}
 
 
 SECTIONS = {"ceiling": section_ceiling, "model": section_model, "optim": section_optim, "pin": section_pin,

@@ -173,6 +173,10 @@ class Engine:
             out["vram_allocated_b"] = torch.cuda.memory_allocated(self.device)
             out["vram_reserved_b"] = torch.cuda.memory_reserved(self.device)
             out["vram_peak_reserved_b"] = torch.cuda.max_memory_reserved(self.device)
+            # the caching allocator hit the VRAM cap (or the card's end), freed its cache and retried:
+            # each retry synchronises the device (metrics.jsonl: vram_alloc_retries per step)
+            stats = torch.cuda.memory_stats(self.device)
+            out["vram_alloc_retries_total"] = stats.get("num_alloc_retries", 0)
             if self.vram_budget_b:
                 out["vram_budget_b"] = self.vram_budget_b
         return out

@@ -31,6 +31,11 @@ def cast_copy(dst: torch.Tensor, src: torch.Tensor, scratch: torch.Tensor | None
         d[a:b].copy_(buf)
 
 
+def _padded(n: int) -> int:
+    """Elements a run takes in a load slot: runs start 64-element aligned."""
+    return -(-n // 64) * 64
+
+
 # A chunk's load plan: runs of its tensors that lie back to back in one host buffer, each loaded
 # with one copy per piece: (first element, end element, [(name, offset in the run, shape)])
 Run = tuple[int, int, list[tuple[str, int, torch.Size]]]
@@ -94,6 +99,18 @@ def offload_model_class():
         acquire_observer: Callable[[float, bool], None] | None = None
         update_running: Callable[[], bool] = staticmethod(lambda: False)
 
+        # the run loads' device buffers (see _slot_for) and the cast pipeline (see _cast_run)
+        use_load_slots = True  # False: a fresh allocation per load (the caching allocator recycles them)
+        _slots: list[torch.Tensor] | None = None
+        _slot_owner: list[int | None]
+        _slot_free: list[Any]
+        _slot_of: dict[int, int]
+        _held: int | None = None  # the chunk the compute thread holds (between _acquire and _release)
+        _cast_stream: Any = None
+        _pieces: list[torch.Tensor] | None = None
+        _piece_free: list[Any]
+        _next_piece = 0
+
         def _accumulate(self, state, named_grads):  # noqa: D401
             if named_grads:
                 self.grad_sink(state.idx, named_grads)
@@ -105,14 +122,14 @@ def offload_model_class():
             with obs(state) if obs is not None else nullcontext():
                 plan = self.load_plans[state.idx] if self.load_plans is not None and not state.nvme else None
                 if plan is not None and not self._keep_graph:
-                    return self._load_runs(plan)
+                    return self._load_runs(state.idx, plan)
                 if self.cast_dtype is None or state.nvme:
                     return super()._materialize(state)
                 return self._materialize_cast(state)
 
         def _cast_scratch(self) -> torch.Tensor:
-            """fp32 scratch the loads go through, allocated once on the loader's stream (so reuse
-            by the next load is ordered after the cast that reads it)."""
+            """fp32 scratch the per-tensor loads go through, allocated once on the loader's stream
+            (so reuse by the next load is ordered after the cast that reads it)."""
             if self._scratch is None:
                 self._scratch = torch.empty(PIECE, dtype=torch.float32, device=self.device)
             return self._scratch
@@ -123,14 +140,83 @@ def offload_model_class():
             cast_copy(out, t, self._cast_scratch() if t.dtype == torch.float32 else None)
             return out
 
-        def _load_runs(self, runs: list[Run]) -> dict[str, torch.Tensor]:
-            out = {}
+        def _slot_for(self, idx: int, nelem: int, dtype: torch.dtype) -> torch.Tensor:
+            """Loader thread: a device buffer for chunk ``idx``'s runs, one of ``window`` allocated
+            once (the largest chunk's size) instead of a fresh allocation per load: under a VRAM cap
+            the caching allocator, holding blocks the compute stream still reads, would otherwise
+            free its cache and retry (a device-wide synchronisation). A slot whose chunk has left
+            the window is reused once the compute stream is past that chunk's last use (the loader's
+            stream waits for the event :meth:`_release` recorded; the CPU does not wait)."""
+            if self._slots is None:
+                runs = [r for r in self.load_plans if r is not None]
+                size = max(sum(_padded(e - s) for s, e, _ in rs) for rs in runs)
+                self._slots = [torch.empty(size, dtype=dtype, device=self.device) for _ in range(self.window)]
+                self._slot_owner = [None] * self.window
+                self._slot_free = [None] * self.window
+                self._slot_of = {}
+            with self._cv:
+                busy = set(self._resident) | {self._held}
+            free = [s for s, o in enumerate(self._slot_owner) if o is None or o not in busy or o == idx]
+            if not free:  # cannot happen while residents + the load in flight <= window
+                raise RuntimeError(f"no free load slot for chunk {idx}: slots hold {self._slot_owner}")
+            s = next((s for s in free if self._slot_owner[s] == idx), free[0])
+            for t, o in enumerate(self._slot_owner):
+                if o == idx:
+                    self._slot_owner[t] = None
+            self._slot_owner[s] = idx
+            self._slot_of[idx] = s
+            if self._slot_free[s] is not None:
+                torch.cuda.current_stream(self.device).wait_event(self._slot_free[s])
+            return self._slots[s][:nelem]
+
+        def _cast_run(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+            """Loader thread, CUDA: H2D of fp32 ``src`` into ``dst`` of the compute dtype, piece by
+            piece through rotating fp32 scratch: the copies stay on the loader's stream and each
+            cast runs on a high-priority stream of its own, so the copy engine goes on with the next
+            piece while a cast waits for SMs the compute stream holds. The loader's stream then
+            waits for the casts (the chunk's ready event follows them)."""
+            h2d = torch.cuda.current_stream(self.device)
+            if self._pieces is None:
+                self._cast_stream = torch.cuda.Stream(self.device, priority=-1)
+                self._pieces = [torch.empty(PIECE // 2, dtype=torch.float32, device=self.device) for _ in range(3)]
+                self._piece_free = [None] * len(self._pieces)
+            step = self._pieces[0].numel()
+            for a in range(0, src.numel(), step):
+                b = min(a + step, src.numel())
+                k = self._next_piece
+                self._next_piece = (k + 1) % len(self._pieces)
+                if self._piece_free[k] is not None:
+                    h2d.wait_event(self._piece_free[k])  # the cast that read this piece is done
+                piece = self._pieces[k][: b - a]
+                piece.copy_(src[a:b], non_blocking=True)
+                landed = torch.cuda.Event()
+                landed.record(h2d)
+                with torch.cuda.stream(self._cast_stream):
+                    self._cast_stream.wait_event(landed)
+                    dst[a:b].copy_(piece)
+                    done = torch.cuda.Event()
+                    done.record(self._cast_stream)
+                self._piece_free[k] = done
+            h2d.wait_stream(self._cast_stream)
+
+        def _load_runs(self, idx: int, runs: list[Run]) -> dict[str, torch.Tensor]:
+            dtype = self.cast_dtype or self.load_src.dtype
+            total = sum(_padded(end - start) for start, end, _ in runs)
+            if self.use_load_slots:
+                slot = self._slot_for(idx, total, dtype)
+            else:
+                slot = torch.empty(total, dtype=dtype, device=self.device)
+            out, off = {}, 0
             for start, end, members in runs:
-                buf = torch.empty(end - start, dtype=self.cast_dtype or self.load_src.dtype, device=self.device)
+                buf = slot[off : off + end - start]
+                off += _padded(end - start)
                 src = self.load_src[start:end]
-                cast_copy(buf, src, self._cast_scratch() if buf.dtype != src.dtype else None)
-                for name, off, shape in members:
-                    out[name] = buf[off : off + shape.numel()].view(shape)
+                if self._cuda and buf.dtype != src.dtype:
+                    self._cast_run(buf, src)
+                else:
+                    cast_copy(buf, src, self._cast_scratch() if buf.dtype != src.dtype else None)
+                for name, o, shape in members:
+                    out[name] = buf[o : o + shape.numel()].view(shape)
             return out
 
         def _materialize_cast(self, state):
@@ -158,16 +244,30 @@ def offload_model_class():
 
         def _acquire(self, layer):
             if self.acquire_observer is None:
-                return super()._acquire(layer)
+                out = super()._acquire(layer)
+                self._held = layer
+                return out
             during = self.update_running()
             # the itinerary is announced and advanced by this (the compute) thread: safe to read
             phase = self._future_kinds[self._fpos] if self._fpos < len(self._future_kinds) else "F"
             t0 = time.perf_counter()
             try:
                 with self.gpu_wait(during, phase) if self.gpu_wait is not None else nullcontext():
-                    return super()._acquire(layer)
+                    out = super()._acquire(layer)
+                    self._held = layer
+                    return out
             finally:
                 self.acquire_observer(time.perf_counter() - t0, during, phase)
+
+        def _release(self):
+            """Before the chunk may leave the window: where its tensors live in a load slot, an
+            event on the compute stream marks the end of its use (the slot's next load waits for it)."""
+            layer, self._held = self._held, None
+            if self._cuda and layer is not None and self._slots is not None and layer in self._slot_of:
+                ev = torch.cuda.Event()
+                ev.record(torch.cuda.current_stream(self.device))
+                self._slot_free[self._slot_of[layer]] = ev
+            super()._release()
 
     return _GradTapOffloadModel
 

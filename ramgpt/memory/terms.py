@@ -115,6 +115,7 @@ class Term:
     name: str
     bytes: int
     note: str = ""
+    fixed: bool = False  # allocated once at exactly this size (no allocator headroom on it)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "bytes": int(self.bytes), "gib": round(self.bytes / GiB, 3), "note": self.note}
@@ -445,11 +446,12 @@ def _finish_gpu(
     peak_phase = max(totals, key=lambda k: totals[k])
     live = totals[peak_phase] + a.workspace_bytes
     share = a.headroom_resident if engine == "resident" else a.headroom_streamed
-    headroom = int(live * share)
+    fixed = sum(t.bytes for t in phases[peak_phase] if t.fixed)
+    headroom = int((live - fixed) * share)
     terms = (
         *phases[peak_phase],
         Term("cuBLAS/cuDNN workspaces", a.workspace_bytes),
-        Term(f"allocator headroom (+{share:.0%} of the live peak)", headroom),
+        Term(f"allocator headroom (+{share:.0%} of the live peak{' but the fixed buffers' if fixed else ''})", headroom),
     )
     frag = a.frag_resident if engine == "resident" else (0.20 if a.expandable_segments else a.frag_streamed)
     return GpuEstimate(
@@ -497,13 +499,11 @@ def _evenly_pinned(n: int, k: int) -> set[int]:
 
 
 def _window_bytes(sizes: list[int], streamed: list[int], window: int) -> int:
-    """Largest sum of ``window`` chunks that are resident together: consecutive streamed
-    chunks of the chain (the itinerary is F0..Fn-1, Bn-1..B0, so residency slides)."""
+    """The load slots: ``window`` device buffers, each the size of the largest streamed chunk
+    (the engine loads every chunk into one of them, allocated once)."""
     if not streamed:
         return 0
-    w = min(window, len(streamed))
-    vals = [sizes[i] for i in streamed]
-    return max(sum(vals[i : i + w]) for i in range(len(vals) - w + 1))
+    return min(window, len(streamed)) * max(sizes[i] for i in streamed)
 
 
 def streamed_gpu(profile: Profile, seqs_per_pass: int, *, a: Assumptions = DEFAULT_ASSUMPTIONS) -> GpuEstimate:
@@ -521,7 +521,8 @@ def streamed_gpu(profile: Profile, seqs_per_pass: int, *, a: Assumptions = DEFAU
     pinned = _evenly_pinned(n, rt.stream_pin)
     streamed = [i for i in range(n) if i not in pinned]
     window = Term(
-        f"streamed weight window ({rt.stream_window} chunks, bf16)", _window_bytes(sizes, streamed, rt.stream_window)
+        f"streamed weight window ({rt.stream_window} load slots of the largest chunk, bf16)",
+        _window_bytes(sizes, streamed, rt.stream_window), fixed=True,
     )
     pins = []
     if pinned:
@@ -530,7 +531,7 @@ def streamed_gpu(profile: Profile, seqs_per_pass: int, *, a: Assumptions = DEFAU
     ids = Term("token ids + targets", 2 * T * 8)
     if d.weight < 4 and not _host_copies(profile):  # the fp32 masters arrive through fp32 scratch and are cast
         big = max(max(c.tensors) for c in chunks)
-        pins.append(Term("fp32 scratch of the loads being cast (2 pieces)", 2 * 4 * min(big, 16 * 2**20)))
+        pins.append(Term("fp32 scratch of the loads being cast (3 pieces)", 3 * 4 * min(big, 8 * 2**20), fixed=True))
     bnd = T * C * d.resid
     head_grads = Term("head chunk grads (in flight to the host)", sizes[-1] if (n - 1) not in pinned else 0)
     blk = sizes[1] if L else 0

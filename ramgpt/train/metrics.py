@@ -149,6 +149,9 @@ class MetricsLogger:
             row["optimizer_time_s"] = work / w.steps
             row["optimizer_exposed_s"] = exposed / w.steps
             row["optimizer_share"] = exposed / dt
+        if "vram_alloc_retries_total" in counters:
+            retries = counters["vram_alloc_retries_total"] - self.prev_counters.get("vram_alloc_retries_total", 0)
+            row["vram_alloc_retries"] = retries / w.steps
         row.update({k: v for k, v in counters.items() if not k.endswith("_total")})
         row.update(self.sysstats.sample())
         if self.comm is not None:
