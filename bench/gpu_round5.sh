@@ -5,6 +5,8 @@
 # dev: `ramgpt train --profile rtx3050-6gb` 8 steps from the tree BASE (the engine before this
 #   round, e.g. a `git archive` of it), from this tree, this tree with a fresh allocation per load
 #   (LOAD_SLOTS=0), this tree with runtime.host_bf16_copies; and a profiler trace of one step;
+# dev2: BASE and this tree as in dev, this tree with the GPU updating 60% of the parameters, a
+#   4-pass traced step, the resident engine and the desktop-16gb low-RAM profile;
 # final: the shipped settings 10 steps with a background save at step 6, the same with
 #   runtime.host_bf16_copies, the resident engine, the desktop-16gb low-RAM profile, torchrun
 #   with one rank; and estimate-memory's projection on this machine.
@@ -18,7 +20,15 @@ log=$out/log-round5-$mode.txt
 . "$(dirname "$0")/gpu_lib.sh"
 run 120 python3 -m pytest -q -p no:cacheprovider tests/test_engine.py
 run 40 python3 bench/perf.py ceiling --out "$res"
-if [ "$mode" = dev ]; then
+if [ "$mode" = dev2 ]; then
+  [ -n "$base" ] && run 110 env SPP=16 STEPS=8 python3 "$base/bench/bench_engine.py" streamed --out "$res" --tag=_base
+  run 110 env SPP=16 STEPS=8 python3 bench/bench_engine.py streamed --out "$res" --tag=_r5
+  run 110 env SPP=16 STEPS=8 SETS="runtime.optimizer_gpu_share=0.6" python3 bench/bench_engine.py streamed --out "$res" --tag=_gpu60
+  run 150 env PASSES=4 python3 bench/perf.py trace --out "$res"
+  rm -f "$res"/trace-step.json.gz
+  run 80 python3 bench/bench_engine.py resident --out "$res"
+  run 80 env PROFILE=desktop-16gb SPP=16 STEPS=5 python3 bench/bench_engine.py streamed --out "$res" --tag=_lowram
+elif [ "$mode" = dev ]; then
   [ -n "$base" ] && run 110 env SPP=16 STEPS=8 python3 "$base/bench/bench_engine.py" streamed --out "$res" --tag=_base
   run 110 env SPP=16 STEPS=8 python3 bench/bench_engine.py streamed --out "$res" --tag=_r5
   run 110 env LOAD_SLOTS=0 SPP=16 STEPS=8 python3 bench/bench_engine.py streamed --out "$res" --tag=_noslots

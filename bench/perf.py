@@ -9,8 +9,9 @@
   optim     the CPU optimizer step of the 1b, piece by piece (clip, unscale, fused AdamW, refresh
             of the bf16 copies), at THREADS (default: all cores) threads
   pin       pinning 2.2 GB of bf16 copies: one pinned allocation per tensor vs one arena
-  trace     one weight pass of the streamed 1b (rtx3050-6gb, 16 seqs) under torch.profiler;
-            writes DIR/trace-pass.json.gz and the compute stream's busy share
+  trace     one optimizer step of the streamed 1b (rtx3050-6gb, 16 seqs per pass, env PASSES
+            passes, default 4) under torch.profiler; writes DIR/trace-step.json.gz, the compute
+            stream's busy share and its idle gaps by range and by cause
 
 Each section prints ``RESULT <section>: {json}`` and writes DIR/<section><tag>.json.
 """
@@ -207,8 +208,8 @@ def section_pin(out: Path) -> dict:
 
 
 def section_trace(out: Path) -> dict:
-    """Two optimizer steps of two passes each (16 seqs per pass) of the streamed 1b; the second is
-    traced (its first pass overlaps the first step's optimizer). Writes DIR/trace-step.json.gz."""
+    """Four optimizer steps of PASSES passes each (16 seqs per pass) of the streamed 1b; the last is
+    traced (its first pass overlaps the previous step's optimizer). Writes DIR/trace-step.json.gz."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as tprof
 
@@ -230,8 +231,10 @@ def section_trace(out: Path) -> dict:
     pinned_ok = all(t.is_pinned() for st in eng.om._state for t in st.tensors.values())
     in_arena = all(eng.arena.contains(t) for st in eng.om._state for t in st.tensors.values())
 
+    passes = int(os.environ.get("PASSES", "4"))
+
     def batch():
-        return torch.randint(0, V, (2 * spp, T)), torch.randint(0, V, (2 * spp, T))
+        return torch.randint(0, V, (passes * spp, T)), torch.randint(0, V, (passes * spp, T))
 
     steps = []
     for _ in range(3):
@@ -277,6 +280,32 @@ def section_trace(out: Path) -> dict:
         by_range["at " + label][0] += g
         by_range["at " + label][1] += 1
     top = dict(sorted(by_range.items(), key=lambda kv: -kv[1][0])[:16])
+    # why the compute stream idled: the kernel after a gap was launched after the gap began (the
+    # launching thread was late: what was it doing?) or before it (the GPU waited on an event)
+    launch = {e["args"]["correlation"]: e for e in ev if e.get("cat") == "cuda_runtime"
+              and "correlation" in e.get("args", {})}
+    cpu_ranges: dict = {}
+    for e in ev:
+        if e.get("cat") == "user_annotation":
+            cpu_ranges.setdefault(e.get("tid"), []).append((e["ts"], e["ts"] + e["dur"], e["name"]))
+    why: dict = {}
+    for a, b in zip(comp, comp[1:]):
+        end = a["ts"] + a["dur"]
+        g = b["ts"] - end
+        if g <= 20:
+            continue
+        la = launch.get(b.get("args", {}).get("correlation"))
+        late = max(0.0, min(g, la["ts"] - end)) if la else 0.0
+        if late > 0:
+            inside = [r for r in cpu_ranges.get(la.get("tid"), []) if r[0] <= end <= r[1]]
+            name = min(inside, key=lambda r: r[1] - r[0])[2] if inside else f"no range (thread {la.get('tid')})"
+            kind = "late: " + ("waiting for a chunk" if name.startswith("wait") else
+                               name.split()[0][:1] + " chunk code" if name[:1] in "FB" and name[1:2].isdigit()
+                               else name[:40])
+            why[kind] = why.get(kind, 0.0) + late / 1e3
+        if g - late > 0:
+            why["waited on an event"] = why.get("waited on an event", 0.0) + (g - late) / 1e3
+    why = dict(sorted(why.items(), key=lambda kv: -kv[1])[:12])
     copies = {}
     for e in kern:
         if e.get("cat") == "gpu_memcpy":
@@ -290,7 +319,7 @@ def section_trace(out: Path) -> dict:
     return {"build_model_s": build_s, "build_engine_s": engine_s, "pinned_ok": pinned_ok, "in_arena": in_arena,
             "pinned_gib": c1["pinned_b"] / 2**30, "step_s": steps, "grad_norm": rep.grad_norm, "traced_step_s": traced_s,
             "compute_span_ms": span_ms, "compute_busy_ms": busy_ms, "gaps_over_1ms": sum(g for g in gaps if g > 1),
-            "largest_gaps_ms": gaps[:8], "gaps_over_0p2ms_by_range_ms_n": top, "copy_busy_ms": copies,
+            "largest_gaps_ms": gaps[:8], "gaps_over_0p2ms_by_range_ms_n": top, "gap_ms_by_cause": why, "copy_busy_ms": copies,
             "alloc_retries": alloc.get("num_alloc_retries", 0), "counters": counters, "spp": spp}
 
 

@@ -221,6 +221,7 @@ class DeviceGradPath(_GradPathBase):
             p.grad = self.flat[off : off + p.numel()].view_as(p)
             off += n
         self.h2d_bytes = 0  # H2D bytes of the running sums (counted, not timed: they overlap weight loads)
+        self._run_cache: dict[tuple, list[tuple[int, int, list[str]]]] = {}
         self.nccl = type(d2h_clock)(self.cuda)  # time the collectives take on the side stream
         if self.cuda and self.registered:
             dev = torch.device(device)
@@ -296,17 +297,80 @@ class DeviceGradPath(_GradPathBase):
             finally:
                 self._q.task_done()
 
+    def _runs(self, idx: int, grads: dict[str, torch.Tensor]) -> list[tuple[int, int, list[str]]]:
+        """Chunk ``idx``'s gradients whose accumulators lie back to back in :attr:`flat` (at most
+        alignment padding between), grouped into runs of at most ``PIECE`` elements:
+        ``(start, end, names)``. Tensors larger than a piece are left out (they go piece by piece)."""
+        key = (idx, tuple(grads))
+        cached = self._run_cache.get(key)
+        if cached is not None:
+            return cached
+        base = self.flat.data_ptr()
+        spans = sorted(((self.master_of[idx][k].grad.data_ptr() - base) // 4, k, g.numel()) for k, g in grads.items())
+        runs: list[tuple[int, int, list[str]]] = []
+        for off, k, n in spans:
+            if n > self.PIECE:
+                continue
+            if runs and 0 <= off - runs[-1][1] < 16 and off + n - runs[-1][0] <= self.PIECE:
+                runs[-1] = (runs[-1][0], off + n, [*runs[-1][2], k])
+            else:
+                runs.append((off, off + n, [k]))
+        self._run_cache[key] = runs
+        return runs
+
+    def _issue_run(self, idx: int, run: tuple[int, int, list[str]], grads: dict[str, torch.Tensor],
+                   last_pass: bool) -> bool:
+        """Side stream: one run of a chunk's accumulators with a few calls instead of several per
+        tensor (each Python call holds the GIL the compute thread needs to launch its kernels):
+        one H2D of the running sums, one foreach add (or cast-copy in the step's first pass), one
+        foreach norm of the final ones, one D2H. False (nothing issued) when the run's tensors are
+        not all first or all later contributions (a tied weight another chunk contributed first)."""
+        start, end, names = run
+        masters = self.master_of[idx]
+        params = [masters[k] for k in names]
+        first = [id(p) not in self.touched for p in params]
+        if any(first) and not all(first):
+            return False
+        self.touched.update(id(p) for p in params)
+        host = self.flat[start:end]
+        buf = torch.empty(end - start, dtype=torch.float32, device=torch.device(self.device))
+        offs = [(p.grad.data_ptr() - self.flat.data_ptr()) // 4 - start for p in params]
+        dst = [buf[o : o + p.numel()] for o, p in zip(offs, params)]
+        src = [grads[k].reshape(-1) for k in names]
+        if first[0]:
+            torch._foreach_copy_(dst, src)
+        else:
+            buf.copy_(host, non_blocking=True)
+            self.h2d_bytes += buf.numel() * 4
+            torch._foreach_add_(dst, src)
+        final = [d for d, p in zip(dst, params) if last_pass and id(p) in self.final_at[idx]]
+        if final:
+            self._sq_dev += torch.stack(torch._foreach_norm(final, 2, dtype=torch.float64)).square().sum()
+        with self.d2h.span(self._stream, buf.numel() * 4):
+            host.copy_(buf, non_blocking=True)
+        return True
+
     @torch.no_grad()
     def _issue(self, idx: int, grads: dict[str, torch.Tensor], ready: torch.cuda.Event,
                last_pass: bool) -> torch.cuda.Event:
-        """H2D the running sum, add, D2H, piece by piece, on the side stream (ordered after the
-        compute stream's backward of this chunk and after earlier chunks' sums: one stream)."""
+        """H2D the running sum, add, D2H, run by run (or piece by piece), on the side stream
+        (ordered after the compute stream's backward of this chunk and after earlier chunks' sums:
+        one stream)."""
         dev = torch.device(self.device)
         masters = self.master_of[idx]
         s = self._stream
         piece = self.PIECE
         with torch.cuda.stream(s):
             s.wait_event(ready)
+            if self.comm is None:  # one process: whole runs of this chunk's accumulators at once
+                done_names = set()
+                for run in self._runs(idx, grads):
+                    if self._issue_run(idx, run, grads, last_pass):
+                        done_names.update(run[2])
+                if done_names:
+                    for g in grads.values():
+                        g.record_stream(s)
+                    grads = {k: g for k, g in grads.items() if k not in done_names}
             for k, g in grads.items():
                 p = masters[k]
                 mine = self._mine(p)
