@@ -150,8 +150,7 @@ class ChunkedAdamW:
     def step_chunk_gpu(self, i: int, lr: float, grad_scale: float) -> None:
         """Chunk ``i`` through the GPU: per piece, masters, gradients and moments H2D, fused AdamW
         there, masters and moments D2H; pieces alternate between two streams and scratch sets.
-        Nothing runs on the compute stream (this worker's current stream): work queued there would
-        wait for the forward it is meant to overlap. Returns when the host memory holds the result."""
+        Returns when the host memory holds the result."""
         dev = self.device
         if self._gpu is None:
             self._gpu = {
@@ -160,26 +159,21 @@ class ChunkedAdamW:
                 "fi": torch.zeros((), dtype=torch.float32, device=dev),
             }
         g_ = self._gpu
-        streams, (s0, s1) = g_["streams"], g_["streams"]
-        if "bufs" not in g_:
-            # for this update only, taken from the compute stream's pool so it gets the memory back
-            # after; the streams start after what the compute stream queued before (the memory may
-            # have been freed by work still queued there): once per update, not per chunk
+        if "bufs" not in g_:  # for this update only: the compute stream gets the memory back after it
             g_["bufs"] = [torch.empty(4, self.PIECE, dtype=torch.float32, device=dev) for _ in range(2)]
-            cur = torch.cuda.current_stream(dev)
-            for s in streams:
-                s.wait_stream(cur)
-        bufs = g_["bufs"]
+        streams, bufs = g_["streams"], g_["bufs"]
+        cur = torch.cuda.current_stream(dev)
+        g_["gs"].fill_(grad_scale)
+        for s in streams:
+            s.wait_stream(cur)  # the scale is written
         k = 0
         for g, ps, states in self._groups(i, lr):
             beta1, beta2 = g["betas"]
-            with torch.cuda.stream(s0):
-                g_["gs"].fill_(grad_scale)
-                steps = torch.tensor([float(st["step"]) for st in states], dtype=torch.float32).pin_memory()
-                steps_d = steps.to(dev, non_blocking=True)
-            s1.wait_stream(s0)  # the scale and the step counters are written
-            for j_p, (p, st) in enumerate(zip(ps, states)):
+            for p, st in zip(ps, states):
+                step_d = torch.full((), float(st["step"]), dtype=torch.float32, device=dev)
                 host = [p.data.view(-1), p.grad.view(-1), st["exp_avg"].view(-1), st["exp_avg_sq"].view(-1)]
+                for s in streams:
+                    s.wait_stream(cur)  # step_d is written
                 n = host[0].numel()
                 for a in range(0, n, self.PIECE):
                     b = min(a + self.PIECE, n)
@@ -190,14 +184,14 @@ class ChunkedAdamW:
                         for j in range(4):
                             d[j].copy_(host[j][a:b], non_blocking=True)
                         torch._fused_adamw_(
-                            [d[0]], [d[1]], [d[2]], [d[3]], [], [steps_d[j_p]], amsgrad=False, lr=lr, beta1=beta1,
+                            [d[0]], [d[1]], [d[2]], [d[3]], [], [step_d], amsgrad=False, lr=lr, beta1=beta1,
                             beta2=beta2, weight_decay=g["weight_decay"], eps=g["eps"], maximize=False,
                             grad_scale=g_["gs"], found_inf=g_["fi"],
                         )
                         for j in (0, 2, 3):
                             host[j][a:b].copy_(d[j], non_blocking=True)
-            steps_d.record_stream(s1)
-            s0.wait_stream(s1)  # the next group's scale/steps are written after this group's kernels read them
+                step_d.record_stream(streams[0])
+                step_d.record_stream(streams[1])
         for s in streams:
             s.synchronize()
 
