@@ -7,6 +7,7 @@
 #   (LOAD_SLOTS=0), this tree with runtime.host_bf16_copies; and a profiler trace of one step;
 # dev2: BASE and this tree as in dev, this tree with the GPU updating 60% of the parameters, a
 #   4-pass traced step, the resident engine and the desktop-16gb low-RAM profile;
+# ab: BASE and this tree, 8 steps each, twice, alternating;
 # final5: BASE 8 steps, this tree 10 steps with a background save at step 6, with host bf16
 #   copies, a 4-pass traced step and estimate-memory's projection;
 # final: the shipped settings 10 steps with a background save at step 6, the same with
@@ -37,6 +38,11 @@ elif [ "$mode" = dev ]; then
   run 110 env SPP=16 STEPS=8 SETS="runtime.host_bf16_copies=true" python3 bench/bench_engine.py streamed --out "$res" --tag=_copies
   run 150 python3 bench/perf.py trace --out "$res"
   rm -f "$res"/trace-step.json.gz
+elif [ "$mode" = ab ]; then  # BASE and this tree twice each, alternating, 8 steps
+  for i in 1 2; do
+    run 110 env SPP=16 STEPS=8 python3 "$base/bench/bench_engine.py" streamed --out "$res" --tag=_base$i
+    run 110 env SPP=16 STEPS=8 python3 bench/bench_engine.py streamed --out "$res" --tag=_r5_$i
+  done
 elif [ "$mode" = final5 ]; then
   [ -n "$base" ] && run 110 env SPP=16 STEPS=8 python3 "$base/bench/bench_engine.py" streamed --out "$res" --tag=_base
   run 130 env SPP=16 STEPS=10 SAVE=6 python3 bench/bench_engine.py streamed --out "$res" --tag=_r5
