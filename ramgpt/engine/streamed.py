@@ -44,51 +44,66 @@ from ramgpt.model import GPT
 from ramgpt.placement import resolve_grad_accum
 
 
-class TransferClock:
-    """Bytes and device-timed durations of copies on one stream (CUDA events, read lazily)."""
+class EventTimes:
+    """Device-timed spans by key: CUDA event pairs, read lazily (:meth:`harvest` adds each finished
+    pair's time to ``by_key``); without CUDA, host-timed seconds added directly."""
 
-    def __init__(self, cuda: bool):
-        self.cuda = cuda
-        self.bytes = 0
-        self.seconds = 0.0
-        self._pending: list[tuple[Any, Any]] = []
+    def __init__(self):
+        self.by_key: dict[str, float] = defaultdict(float)
+        self._pending: list[tuple[str, Any, Any]] = []
         self._lock = threading.Lock()
 
-    def span(self, stream, nbytes: int):
-        clock = self
-
-        class _Span:
-            def __enter__(self_inner):
-                if clock.cuda:
-                    self_inner.a = torch.cuda.Event(enable_timing=True)
-                    self_inner.a.record(stream)
-                else:
-                    self_inner.t = time.perf_counter()
-
-            def __exit__(self_inner, *exc):
-                with clock._lock:
-                    clock.bytes += nbytes
-                    if clock.cuda:
-                        b = torch.cuda.Event(enable_timing=True)
-                        b.record(stream)
-                        clock._pending.append((self_inner.a, b))
-                    else:
-                        clock.seconds += time.perf_counter() - self_inner.t
-
-        return _Span()
+    def _pair(self, key: str, a, b) -> None:
+        with self._lock:
+            self._pending.append((key, a, b))
 
     def harvest(self) -> None:
         with self._lock:
             keep = []
-            for a, b in self._pending:
+            for key, a, b in self._pending:
                 if b.query():
-                    self.seconds += a.elapsed_time(b) / 1000.0
+                    self.by_key[key] += a.elapsed_time(b) / 1000.0
                 else:
-                    keep.append((a, b))
+                    keep.append((key, a, b))
             self._pending = keep
 
 
-class GpuIdleClock:
+class TransferClock(EventTimes):
+    """Bytes and device-timed durations of copies on one stream."""
+
+    def __init__(self, cuda: bool):
+        super().__init__()
+        self.cuda = cuda
+        self.bytes = 0
+
+    @property
+    def seconds(self) -> float:
+        return self.by_key["copy"]
+
+    @contextmanager
+    def span(self, stream, nbytes: int):
+        if not self.cuda:
+            t = time.perf_counter()
+            try:
+                yield
+            finally:
+                with self._lock:
+                    self.bytes += nbytes
+                    self.by_key["copy"] += time.perf_counter() - t
+            return
+        a = torch.cuda.Event(enable_timing=True)
+        a.record(stream)
+        try:
+            yield
+        finally:
+            b = torch.cuda.Event(enable_timing=True)
+            b.record(stream)
+            with self._lock:
+                self.bytes += nbytes
+            self._pair("copy", a, b)
+
+
+class GpuIdleClock(EventTimes):
     """GPU time the compute stream sits idle across the compute thread's waits, by kind.
 
     An event is recorded on the compute stream before the wait and one after: the first completes
@@ -97,10 +112,12 @@ class GpuIdleClock:
     time that the wait caused; a wait while the GPU still had queued work costs nothing."""
 
     def __init__(self, device: str):
+        super().__init__()
         self.device = torch.device(device)
-        self.seconds: dict[str, float] = defaultdict(float)
-        self._pending: list[tuple[str, Any, Any]] = []
-        self._lock = threading.Lock()
+
+    @property
+    def seconds(self) -> dict[str, float]:
+        return self.by_key
 
     @contextmanager
     def span(self, kind: str):
@@ -112,18 +129,7 @@ class GpuIdleClock:
         finally:
             b = torch.cuda.Event(enable_timing=True)
             b.record(stream)
-            with self._lock:
-                self._pending.append((kind, a, b))
-
-    def harvest(self) -> None:
-        with self._lock:
-            keep = []
-            for kind, a, b in self._pending:
-                if b.query():
-                    self.seconds[kind] += a.elapsed_time(b) / 1000.0
-                else:
-                    keep.append((kind, a, b))
-            self._pending = keep
+            self._pair(kind, a, b)
 
 
 def _set_param(module: nn.Module, dotted: str, value: torch.Tensor) -> None:
@@ -293,7 +299,6 @@ class StreamedEngine(Engine):
             per = [aligned(p.numel() * 4, PAGE) * 2 for p in self.params]
             self.moments = FileArena(moments_file, sum(per))
         gpu_chunks: list[int] = []
-        self.gpu_moments: HostArena | None = None
         if (optimizer_gpu_share > 0 and self.cuda and comm is None and self.moments is None and self.arena.registered
                 and isinstance(self.grads, DeviceGradPath) and self.grads.on_gpu):
             gpu_chunks = gpu_update_chunks([sum(p.numel() for p in ps) for ps in self._owned], optimizer_gpu_share)
@@ -307,8 +312,7 @@ class StreamedEngine(Engine):
             def lock_moments() -> None:
                 try:
                     torch.cuda.set_device(torch.device(device))  # the runtime's current device is per thread
-                    self.gpu_moments = HostArena(nbytes, device, "the AdamW moments the GPU updates")
-                    self.adamw.gpu_moments = self.gpu_moments
+                    self.adamw.gpu_moments = HostArena(nbytes, device, "the AdamW moments the GPU updates")
                 finally:
                     self.adamw.gpu_moments_ready.set()
 
@@ -574,7 +578,7 @@ class StreamedEngine(Engine):
         out["optimizer_work_s_total"] = self.adamw.work_s_total
         out["pinned_b"] = ((self.arena.nbytes if self.arena.registered else 0) + self.grads.pinned_b
                            + (self.copies.nbytes if self.copies is not None and self.copies.registered else 0)
-                           + (self.gpu_moments.nbytes if self.gpu_moments is not None else 0))
+                           + (self.adamw.gpu_moments.nbytes if self.adamw.gpu_moments is not None else 0))
         if self.moments is not None:
             out["optimizer_file_b"] = self.moments.nbytes
         return out
@@ -592,8 +596,8 @@ class StreamedEngine(Engine):
                 if self.copies is not None:
                     self.copies.close()
                 self.adamw.gpu_moments_ready.wait()
-                if self.gpu_moments is not None:
-                    self.gpu_moments.close()
+                if self.adamw.gpu_moments is not None:
+                    self.adamw.gpu_moments.close()
                 if self.moments is not None:  # scratch: the state that matters is in the checkpoints
                     self.moments.close()
                     self.moments.path.unlink(missing_ok=True)
