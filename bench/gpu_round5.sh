@@ -7,6 +7,7 @@
 #   (LOAD_SLOTS=0), this tree with runtime.host_bf16_copies; and a profiler trace of one step;
 # dev2: BASE and this tree as in dev, this tree with the GPU updating 60% of the parameters, a
 #   4-pass traced step, the resident engine and the desktop-16gb low-RAM profile;
+# last: this tree 8 steps, torchrun with one rank, the ceiling, host bf16 copies (in that order);
 # ab: BASE and this tree, 8 steps each, twice, alternating;
 # final5: BASE 8 steps, this tree 10 steps with a background save at step 6, with host bf16
 #   copies, a 4-pass traced step and estimate-memory's projection;
@@ -22,7 +23,7 @@ mkdir -p "$res"
 log=$out/log-round5-$mode.txt
 . "$(dirname "$0")/gpu_lib.sh"
 run 120 python3 -m pytest -q -p no:cacheprovider tests/test_engine.py
-run 40 python3 bench/perf.py ceiling --out "$res"
+[ "$mode" = last ] || run 40 python3 bench/perf.py ceiling --out "$res"
 if [ "$mode" = dev2 ]; then
   [ -n "$base" ] && run 110 env SPP=16 STEPS=8 python3 "$base/bench/bench_engine.py" streamed --out "$res" --tag=_base
   run 110 env SPP=16 STEPS=8 python3 bench/bench_engine.py streamed --out "$res" --tag=_r5
@@ -38,6 +39,13 @@ elif [ "$mode" = dev ]; then
   run 110 env SPP=16 STEPS=8 SETS="runtime.host_bf16_copies=true" python3 bench/bench_engine.py streamed --out "$res" --tag=_copies
   run 150 python3 bench/perf.py trace --out "$res"
   rm -f "$res"/trace-step.json.gz
+elif [ "$mode" = last ]; then  # what fits in the session's last device minutes
+  run 100 env SPP=16 STEPS=8 python3 bench/bench_engine.py streamed --out "$res" --tag=_r5
+  shm=$(df --output=avail -B1 /dev/shm | tail -1)
+  extra=(); [ "$shm" -lt 18000000000 ] && extra=(-- --set runtime.optimizer_on_disk=true)
+  run 80 python3 bench/bench_multi.py --gpus 1 --skip-single --steps 6 --out "$res/multi" "${extra[@]}"
+  run 40 python3 bench/perf.py ceiling --out "$res"
+  run 100 env SPP=16 STEPS=8 SETS="runtime.host_bf16_copies=true" python3 bench/bench_engine.py streamed --out "$res" --tag=_copies
 elif [ "$mode" = ab ]; then  # BASE and this tree twice each, alternating, 8 steps
   for i in 1 2; do
     run 110 env SPP=16 STEPS=8 python3 "$base/bench/bench_engine.py" streamed --out "$res" --tag=_base$i
