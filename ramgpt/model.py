@@ -248,11 +248,15 @@ class GPT(nn.Module):
 
 
 def build_gpt(cfg: ModelConfig, loss_chunk_tokens: int = 2048, device: str | torch.device = "cpu",
-              workers: int | None = None) -> GPT:
+              workers: int | None = None, materialize: bool = True) -> GPT:
     """``GPT(cfg)`` without the wasted default init of every Linear (built on the meta device, then
-    allocated and initialised once, in parallel). Same weights as ``GPT(cfg)`` for the same seed."""
+    allocated and initialised once, in parallel). Same weights as ``GPT(cfg)`` for the same seed.
+    ``materialize=False``: left on the meta device for an engine that allocates the weights where
+    they will live and then calls :meth:`GPT.init_weights` (the streamed engine's page-locked arena)."""
     with torch.device("meta"):
         model = GPT(cfg, loss_chunk_tokens)
+    if not materialize:
+        return model
     model.to_empty(device=device)
     model.tie_weights()
     model.init_weights(workers)

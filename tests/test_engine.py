@@ -297,3 +297,36 @@ def test_stall_counters_tell_forward_loads_from_backward_loads(monkeypatch: pyte
         assert m["stall_load_fwd_pct"] + m["stall_load_bwd_pct"] == pytest.approx(m["stall_load_pct"])
     finally:
         stm.close()
+
+
+def test_streamed_engine_initialises_a_meta_model_in_its_arena() -> None:
+    """``build_gpt(materialize=False)`` leaves the weights to the streamed engine, which allocates
+    them in its arena and initialises them there: the same weights as the model built whole (same
+    seed), tied weights still one tensor, each master a view of the arena."""
+    from ramgpt.model import build_gpt
+
+    cfg = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64, tie_embeddings=True)
+    seed = int(torch.randint(0, 10_000, ()).item())
+    torch.manual_seed(seed)
+    whole = build_gpt(cfg)
+    torch.manual_seed(seed)
+    meta = build_gpt(cfg, materialize=False)
+    assert all(p.is_meta for p in meta.parameters())
+    stm = StreamedEngine(meta, device="cpu", precision="fp32", optim_cfg=OptimConfig(lr=1e-3), seqs_per_pass=2,
+                         window=2)
+    try:
+        got, want = stm.model.state_dict(), whole.state_dict()
+        assert got.keys() == want.keys()
+        for k in want:
+            assert torch.equal(got[k], want[k]), k
+        assert stm.model.head.lm_head.weight is stm.model.embed.wte.weight
+        assert all(stm.arena.contains(p) for p in stm.params)
+        assert {id(p) for g in stm.optimizer.param_groups for p in g["params"]} == {id(p) for p in stm.params}
+        # it trains as the whole-built model does under the resident engine
+        res = ResidentEngine(whole, device="cpu", precision="fp32", optim_cfg=OptimConfig(lr=1e-3),
+                             micro_batch_size=2, gradient_checkpointing=False)
+        x = torch.randint(0, cfg.vocab_size, (4, 16))
+        a, b = stm.train_step(x, x, 1e-3), res.train_step(x, x, 1e-3)
+        assert a.loss_sum == pytest.approx(b.loss_sum, rel=1e-5)
+    finally:
+        stm.close()

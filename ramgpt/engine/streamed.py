@@ -200,6 +200,9 @@ class StreamedEngine(Engine):
         if device.startswith("cuda") and torch.device(device).index is None:
             # worker threads must name the device: the current one is per thread
             device = f"cuda:{torch.cuda.current_device()}"
+        arena = None
+        if any(p.is_meta for p in model.parameters()):  # build_gpt(materialize=False): place, then initialise
+            arena = self._materialize(model, device, several=comm is not None)
         super().__init__(model, device=device, precision=precision, optim_cfg=optim_cfg, vram_budget_b=vram_budget_b)
         if grad_accum not in ("auto", "host", "device"):
             raise ValueError(f"grad_accum must be 'auto', 'host' or 'device', got {grad_accum!r}")
@@ -236,6 +239,8 @@ class StreamedEngine(Engine):
             self._share_node_state(moments_file)
             self.arena = self.share.masters
             self.arena.register(device)
+        elif arena is not None:  # the weights were initialised in place in the arena
+            self.arena = arena
         else:
             self.arena = HostArena(sum(aligned(p.numel() * 4) for p in self.params), device, "the fp32 master weights")
             with torch.no_grad():
@@ -325,6 +330,34 @@ class StreamedEngine(Engine):
         self._load_wait_s: dict[str, float] = defaultdict(float)  # by the phase the chunk was for: F or B
         del modules
         release_freed_heap()
+
+    @staticmethod
+    def _materialize(model: GPT, device: str, several: bool) -> HostArena | None:
+        """A model built on the meta device gets its fp32 masters here. One process: as views of one
+        page-locked arena, laid out chunk by chunk as :meth:`__init__` wants them, initialised in
+        place (no second 4.4 GB allocation and copy for the 1b); the arena is returned. Several
+        ranks: ordinary CPU tensors (their masters move to the node's shared memory later)."""
+        if several:
+            model.to_empty(device="cpu")
+            model.tie_weights()
+            model.init_weights()
+            return None
+        seen: dict[int, nn.Parameter] = {}
+        order = []
+        for chunk in model.chunks():
+            for mod in chunk.modules():
+                for leaf, p in mod.named_parameters(recurse=False):
+                    order.append((mod, leaf, p))
+                    seen.setdefault(id(p), p)
+        arena = HostArena(sum(aligned(p.numel() * 4) for p in seen.values()), device, "the fp32 master weights")
+        new: dict[int, nn.Parameter] = {}
+        for mod, leaf, p in order:
+            if id(p) not in new:
+                new[id(p)] = nn.Parameter(arena.take(p.shape, torch.float32), requires_grad=p.requires_grad)
+            mod._parameters[leaf] = new[id(p)]
+        model.tie_weights()
+        model.init_weights()
+        return arena
 
     @property
     def seqs_per_pass(self) -> int:

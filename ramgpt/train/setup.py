@@ -261,7 +261,9 @@ def setup_run(profile: Profile, *, resume: str | None, sinks: list | None, on_sa
         eval_set = eval_batches(profile.data, tokenizer, profile.logging.eval_batches, profile.optim.micro_batch_size)
         chars_per_token = _chars_per_token(profile, tokenizer)
         phase("building the model")
-        model = build_gpt(profile.model, rt.loss_chunk_tokens)  # the same weights on every rank (one seed)
+        # the same weights on every rank (one seed); the streamed engine allocates them in its
+        # page-locked arena and initialises them there
+        model = build_gpt(profile.model, rt.loss_chunk_tokens, materialize=placement.engine != "streamed")
         phase("placing the weights" + (" in pinned CPU RAM" if placement.engine == "streamed" else ""))
         if rt.optimizer_on_disk and placement.engine != "streamed":
             raise ConfigError("runtime.optimizer_on_disk needs the streamed engine, but this machine runs the profile "
