@@ -150,7 +150,13 @@ class ChunkedAdamW:
     def step_chunk_gpu(self, i: int, lr: float, grad_scale: float) -> None:
         """Chunk ``i`` through the GPU: per piece, masters, gradients and moments H2D, fused AdamW
         there, masters and moments D2H; pieces alternate between two streams and scratch sets.
-        Returns when the host memory holds the result."""
+        Returns when the host memory holds the result.
+
+        The scale and each step counter are written on this thread's current stream, the compute
+        stream, and both streams wait for it per parameter: the update then fills the compute
+        stream's gaps instead of running beside the forward. Run beside it (round 5, reverted),
+        its H2D competed with that forward's loads for the link and more of the update was exposed
+        (docs/benchmarks.md, round 5)."""
         dev = self.device
         if self._gpu is None:
             self._gpu = {
