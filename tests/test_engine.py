@@ -330,3 +330,70 @@ def test_streamed_engine_initialises_a_meta_model_in_its_arena() -> None:
         assert a.loss_sum == pytest.approx(b.loss_sum, rel=1e-5)
     finally:
         stm.close()
+
+
+def test_gradient_runs_group_back_to_back_accumulators(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU gradient path sums a chunk's tensors run by run: tensors whose fp32 accumulators lie
+    back to back in the flat buffer, at most a piece long; a tensor without gradients this pass
+    ends a run, and a tensor longer than a piece goes piece by piece on its own."""
+    cfg = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64)
+    stm = StreamedEngine(GPT(cfg), device="cpu", precision="fp32", optim_cfg=OptimConfig(lr=1e-3), seqs_per_pass=2,
+                         window=2, grad_accum="device")
+    try:
+        path = stm.grads
+        assert isinstance(path, DeviceGradPath)
+        masters = stm._master_of[1]  # a block
+        grads = {k: torch.zeros_like(p) for k, p in masters.items()}
+
+        def spans(runs):
+            return [names for _, _, names in runs]
+
+        monkeypatch.setattr(DeviceGradPath, "PIECE", 10**9)
+        path._run_cache.clear()
+        assert spans(path._runs(1, grads)) == [list(masters)]  # the whole block in one run, in layout order
+        start, end, _ = path._runs(1, grads)[0]
+        assert end - start == sum(p.numel() for p in masters.values()) + sum(
+            -p.numel() % 16 for p in list(masters.values())[:-1])  # only alignment padding between them
+        # one tensor without a gradient: the run breaks around it
+        names = list(masters)
+        gap = names[len(names) // 2]
+        parts = spans(path._runs(1, {k: g for k, g in grads.items() if k != gap}))
+        assert parts == [names[: names.index(gap)], names[names.index(gap) + 1 :]]
+        # pieces of 2,000 elements: the 32x128 weights (4,096) go alone, the rest in runs <= 2,000
+        monkeypatch.setattr(DeviceGradPath, "PIECE", 2000)
+        path._run_cache.clear()
+        runs = path._runs(1, grads)
+        in_runs = [k for r in spans(runs) for k in r]
+        big = [k for k, p in masters.items() if p.numel() > 2000]
+        assert big and not set(big) & set(in_runs)
+        assert sorted(in_runs + big) == sorted(names)
+        assert all(end - start <= 2000 for start, end, _ in runs)
+    finally:
+        stm.close()
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_chunk_loads_reuse_window_slots(device: str) -> None:
+    """Every chunk load lands in one of ``window`` buffers allocated once (the largest chunk's
+    size), so the window's memory is fixed; the losses stay those of the resident model."""
+    cfg = ModelConfig(n_layer=3, n_head=2, n_embd=32, block_size=16, vocab_size=64)
+    base = GPT(cfg)
+    stm = StreamedEngine(copy.deepcopy(base), device=device, precision="fp32", optim_cfg=OptimConfig(lr=1e-3),
+                         seqs_per_pass=2, window=2)
+    res = ResidentEngine(base, device=device, precision="fp32", optim_cfg=OptimConfig(lr=1e-3), micro_batch_size=2,
+                         gradient_checkpointing=False)
+    try:
+        om = stm.om
+        for _ in range(2):
+            x = torch.randint(0, cfg.vocab_size, (4, 16))
+            a, b = stm.train_step(x, x, 1e-3), res.train_step(x, x, 1e-3)
+            assert a.loss_sum == pytest.approx(b.loss_sum, rel=1e-4)
+            assert len(om._slots) == 2
+            spans = [(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in om._slots]
+            for r in om._resident.values():
+                for t in r.tensors.values():
+                    assert any(lo <= t.data_ptr() < hi for lo, hi in spans)
+            assert max(t.numel() for t in om._slots) >= max(sum(p.numel() for p in c.parameters())
+                                                            for c in stm.masters)
+    finally:
+        stm.close()
