@@ -242,17 +242,18 @@ def offload_model_class():
                 cast_copy(g.data, t, self._cast_scratch() if t.dtype == torch.float32 else None)
             return state.graph_tensors
 
-        _slots_of_names: dict[int, list[tuple[Any, str, str, str]] | None] | None = None
+        # per chunk: where each of its tensors lives in its module (owner, leaf, dict name, tensor name)
+        _homes: dict[int, list[tuple[Any, str, str, str]] | None] | None = None
 
         def _call_chunk(self, layer, tensors, args):
             """ramtorch calls each chunk through ``torch.func.functional_call``, whose general
             machinery (untying, swapping every tensor through accessors) cost the compute thread
-            ~0.2-0.3 ms per chunk, 76 times a pass. The chunks' tensors are plain entries of their
+            ~0.13 ms more per call than a direct call (CPU measurement), 76 calls a pass. The chunks' tensors are plain entries of their
             modules' ``_parameters``/``_buffers``: put the loaded ones there for the call and put
             the originals back (any other layout goes through functional_call)."""
-            if self._slots_of_names is None:
-                self._slots_of_names = {}
-            where = self._slots_of_names.get(layer, ...)
+            if self._homes is None:
+                self._homes = {}
+            where = self._homes.get(layer, ...)
             mod = self.chunks[layer]
             if where is ...:
                 where = []
@@ -264,7 +265,7 @@ def offload_model_class():
                         where = None
                         break
                     where.append((owner, leaf, kind, name))
-                self._slots_of_names[layer] = where
+                self._homes[layer] = where
             if where is None or len(where) != len(tensors):
                 return super()._call_chunk(layer, tensors, args)
             saved = [getattr(o, kind)[leaf] for o, leaf, kind, _ in where]
