@@ -8,7 +8,8 @@ Sections (run them on one warm machine, so the ratios compare like with like):
   ramtorch   plain ramtorch OffloadModel, 1b, 6 GiB cap, window 3, keep="checkpoint", mb 2
   streamed   ramgpt streamed engine through ramgpt.train.train(), rtx3050-6gb (5.1 GiB budget);
              env SPP (seqs per pass, default 16), ACC (host|device gradient accumulation; default
-             the profile's auto), STEPS, SETS (more overrides: "key=value key=value")
+             the profile's auto), STEPS, SETS (more overrides: "key=value key=value"),
+             LOAD_SLOTS=0 (A/B: a fresh device allocation per chunk load, as before round 5)
   p1b        ramgpt streamed engine, 0p1b under the same 5.1 GiB budget; env STEPS, ACC
   p1b_resident  resident PyTorch, 0p1b, no cap (the p1b section's baseline); env MB, STEPS
   agree      small model: resident vs streamed bf16 loss curves on the GPU (same init, same data);
