@@ -395,3 +395,29 @@ def test_a_checkpoint_written_before_the_restructuring_resumes(tmp_path: Path) -
     assert sorted(got) == [5, 6]
     for step in (5, 6):
         assert got[step] == pytest.approx(expected["losses"][str(step)], rel=1e-5), step
+
+
+def test_safetensors_writer_hashes_what_it_wrote_before_handing_tensors_back(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The writer hashes on a second thread while it writes: the digest must be the file's, over
+    several chunks per tensor, and a tensor handed back through ``after_tensor`` (which a training
+    step may then update in place) must already be hashed as written."""
+    import hashlib
+
+    from ramgpt.checkpoint import tensorfile
+
+    monkeypatch.setattr(tensorfile, "_CHUNK", 4096)  # several chunks per tensor
+    gen = torch.Generator().manual_seed(random.randrange(10_000))
+    tensors = [(f"t{i}", torch.randn(n, generator=gen)) for i, n in enumerate((5000, 17, 3000, 12_345))]
+    want = {k: t.clone() for k, t in tensors}
+
+    def scribble(t: torch.Tensor) -> None:  # what the next optimizer update would do to it
+        t.add_(1.0)
+
+    rec = tensorfile.write_safetensors(tmp_path / "x.safetensors", tensors, after_tensor=scribble)
+    raw = (tmp_path / "x.safetensors").read_bytes()
+    assert rec.bytes == len(raw)
+    assert rec.sha256 == hashlib.sha256(raw).hexdigest()
+    got = load_file(str(tmp_path / "x.safetensors"))
+    for k, t in want.items():
+        assert torch.equal(got[k], t), k  # the values before the scribble

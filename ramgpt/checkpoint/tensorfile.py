@@ -6,8 +6,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
 import struct
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,27 +79,72 @@ def write_safetensors(path: Path, tensors: list[tuple[str, torch.Tensor]],
         offset += n
     head = json.dumps(header, separators=(",", ":")).encode("utf-8")
     head += b" " * (-len(head) % 8)  # align the data section to 8 bytes, as the reference writer does
-    h = hashlib.sha256()
+    h = _Hasher()
     size = 0
-    with open(path, "xb") as f:
-        for piece in (struct.pack("<Q", len(head)), head):
-            h.update(piece)
-            f.write(piece)
-            size += len(piece)
-        for _name, t in tensors:
-            # one tensor at a time on the CPU: a CUDA state never needs a full host copy
-            flat = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-            view = memoryview(flat.numpy())
-            for start in range(0, len(view), _CHUNK):
-                chunk = view[start : start + _CHUNK]
-                h.update(chunk)
-                f.write(chunk)
-            size += len(view)
-            if after_tensor is not None:  # the caller may now change (or release) this tensor
-                after_tensor(t)
-        f.flush()
-        os.fsync(f.fileno())
-    return FileRecord(size, h.hexdigest())
+    try:
+        with open(path, "xb") as f:
+            for piece in (struct.pack("<Q", len(head)), head):
+                h.update(piece)
+                f.write(piece)
+                size += len(piece)
+            for _name, t in tensors:
+                # one tensor at a time on the CPU: a CUDA state never needs a full host copy
+                flat = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+                view = memoryview(flat.numpy())
+                for start in range(0, len(view), _CHUNK):
+                    chunk = view[start : start + _CHUNK]
+                    h.update(chunk)  # hashed by the hasher's thread while this one writes
+                    f.write(chunk)
+                size += len(view)
+                h.wait()  # every byte of t is hashed: the caller may now change (or release) it
+                if after_tensor is not None:
+                    after_tensor(t)
+            f.flush()
+            os.fsync(f.fileno())
+    finally:
+        digest = h.close()
+    return FileRecord(size, digest)
+
+
+class _Hasher:
+    """SHA-256 of a stream on a thread of its own: hashing (1.4 GB/s on one core of the CPU machine)
+    and writing both release the GIL, so a save takes about the longer of the two instead of their
+    sum. Updates are applied in order; :meth:`wait` returns when all given so far are applied."""
+
+    def __init__(self) -> None:
+        self._h = hashlib.sha256()
+        self._q: queue.Queue = queue.Queue(maxsize=4)  # bounded: the chunks are views of live tensors
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="ramgpt-sha256", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._q.get()
+            try:
+                if item is None:
+                    return
+                if self._error is None:
+                    self._h.update(item)
+            except BaseException as e:  # noqa: BLE001 - raised on the writer's thread
+                self._error = e
+            finally:
+                self._q.task_done()
+
+    def update(self, data) -> None:
+        self._q.put(data)
+
+    def wait(self) -> None:
+        self._q.join()
+        if self._error is not None:
+            raise self._error
+
+    def close(self) -> str:
+        self._q.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._h.hexdigest()
 
 
 def write_json(path: Path, data: Any) -> FileRecord:
