@@ -14,10 +14,7 @@ run 45 python3 -m pytest -q -p no:cacheprovider -x tests/test_engine.py
 run 110 env SPP=16 STEPS=8 SAVE=4 python3 bench/bench_engine.py streamed --out "$res" --tag=_final
 run 35 python3 bench/perf.py ceiling --out "$res"
 # the node-shared state needs ~17 GB of /dev/shm for the 1b; else keep the AdamW state on disk
-shm=$(df --output=avail -B1 /dev/shm | tail -1)
-extra=(); [ "$shm" -lt 18000000000 ] && extra=(-- --set runtime.optimizer_on_disk=true)
-run 80 python3 bench/bench_multi.py --gpus 1 --skip-single --steps 6 --out "$res/multi" "${extra[@]}"
+run_torchrun1
 run 80 env PROFILE=desktop-16gb SPP=16 STEPS=5 python3 bench/bench_engine.py streamed --out "$res" --tag=_lowram
-timeout 25 python3 -m ramgpt estimate-memory --profile rtx3050-6gb --json >"$res/estimate-rtx3050.json" 2>>"$log"
-echo "estimate rc=$?" >>"$log"
+run_estimate
 grep -h "^RESULT\|passed\|failed\|Error\|rc=" "$log" | cut -c1-900

@@ -9,3 +9,13 @@ run() {  # LIMIT CMD...
   timeout "$limit" "$@" >>"$log" 2>&1
   echo "rc=$?" >>"$log"
 }
+run_torchrun1() {  # torchrun with one rank through bench_multi.py (moments on disk where /dev/shm is small)
+  local shm extra=()
+  shm=$(df --output=avail -B1 /dev/shm | tail -1)
+  [ "$shm" -lt 18000000000 ] && extra=(-- --set runtime.optimizer_on_disk=true)
+  run 80 python3 bench/bench_multi.py --gpus 1 --skip-single --steps 6 --out "$res/multi" "${extra[@]}"
+}
+run_estimate() {  # estimate-memory's projection for rtx3050-6gb on this machine, as JSON
+  timeout 25 python3 -m ramgpt estimate-memory --profile rtx3050-6gb --json >"$res/estimate-rtx3050.json" 2>>"$log"
+  echo "estimate rc=$?" >>"$log"
+}

@@ -28,10 +28,7 @@ else
   run 100 env SPP=16 STEPS=8 SETS="runtime.stream_window=4" python3 bench/bench_engine.py streamed --out "$res" --tag=_w4
   run 80 python3 bench/bench_engine.py resident --out "$res"
   run 80 env PROFILE=desktop-16gb SPP=16 STEPS=5 python3 bench/bench_engine.py streamed --out "$res" --tag=_lowram
-  shm=$(df --output=avail -B1 /dev/shm | tail -1)
-  extra=(); [ "$shm" -lt 18000000000 ] && extra=(-- --set runtime.optimizer_on_disk=true)
-  run 80 python3 bench/bench_multi.py --gpus 1 --skip-single --steps 6 --out "$res/multi" "${extra[@]}"
+  run_torchrun1
 fi
-timeout 25 python3 -m ramgpt estimate-memory --profile rtx3050-6gb --json >"$res/estimate-rtx3050.json" 2>>"$log"
-echo "estimate rc=$?" >>"$log"
+run_estimate
 grep -h "^RESULT\|passed\|failed\|Error\|rc=" "$log" | cut -c1-1500

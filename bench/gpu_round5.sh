@@ -41,9 +41,7 @@ elif [ "$mode" = dev ]; then
   rm -f "$res"/trace-step.json.gz
 elif [ "$mode" = last ]; then  # what fits in the session's last device minutes
   run 100 env SPP=16 STEPS=8 python3 bench/bench_engine.py streamed --out "$res" --tag=_r5
-  shm=$(df --output=avail -B1 /dev/shm | tail -1)
-  extra=(); [ "$shm" -lt 18000000000 ] && extra=(-- --set runtime.optimizer_on_disk=true)
-  run 80 python3 bench/bench_multi.py --gpus 1 --skip-single --steps 6 --out "$res/multi" "${extra[@]}"
+  run_torchrun1
   run 40 python3 bench/perf.py ceiling --out "$res"
   run 100 env SPP=16 STEPS=8 SETS="runtime.host_bf16_copies=true" python3 bench/bench_engine.py streamed --out "$res" --tag=_copies
 elif [ "$mode" = ab ]; then  # BASE and this tree twice each, alternating, 8 steps
@@ -57,17 +55,13 @@ elif [ "$mode" = final5 ]; then
   run 100 env SPP=16 STEPS=8 SETS="runtime.host_bf16_copies=true" python3 bench/bench_engine.py streamed --out "$res" --tag=_copies
   run 150 env PASSES=4 python3 bench/perf.py trace --out "$res"
   rm -f "$res"/trace-step.json.gz
-  timeout 25 python3 -m ramgpt estimate-memory --profile rtx3050-6gb --json >"$res/estimate-rtx3050.json" 2>>"$log"
-  echo "estimate rc=$?" >>"$log"
+  run_estimate
 else
   run 130 env SPP=16 STEPS=10 SAVE=6 python3 bench/bench_engine.py streamed --out "$res" --tag=_r5
   run 100 env SPP=16 STEPS=8 SETS="runtime.host_bf16_copies=true" python3 bench/bench_engine.py streamed --out "$res" --tag=_copies
   run 80 python3 bench/bench_engine.py resident --out "$res"
   run 80 env PROFILE=desktop-16gb SPP=16 STEPS=5 python3 bench/bench_engine.py streamed --out "$res" --tag=_lowram
-  shm=$(df --output=avail -B1 /dev/shm | tail -1)
-  extra=(); [ "$shm" -lt 18000000000 ] && extra=(-- --set runtime.optimizer_on_disk=true)
-  run 80 python3 bench/bench_multi.py --gpus 1 --skip-single --steps 6 --out "$res/multi" "${extra[@]}"
-  timeout 25 python3 -m ramgpt estimate-memory --profile rtx3050-6gb --json >"$res/estimate-rtx3050.json" 2>>"$log"
-  echo "estimate rc=$?" >>"$log"
+  run_torchrun1
+  run_estimate
 fi
 grep -h "^RESULT\|passed\|failed\|Error\|rc=" "$log" | cut -c1-1500
