@@ -80,6 +80,14 @@ class MLP(nn.Module):
         return self.drop(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))  # GPT-2's gelu_new
 
 
+def block_body(block: Block, x: torch.Tensor) -> torch.Tensor:
+    """A block's training forward, as a function of the block (what ``torch.compile`` compiles:
+    one graph serves every block of a model, their weights being its inputs)."""
+    a, _ = block.attn(block.ln_1(x))
+    x = x + a
+    return x + block.mlp(block.ln_2(x))
+
+
 class Block(nn.Module):
     """Pre-LN transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
 
@@ -89,12 +97,11 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(cfg)
         self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=1e-5, bias=cfg.bias)
         self.mlp = MLP(cfg)
+        # a compiled block_body (ramgpt.engine.compiled), set by the engine that runs this block
+        self.compiled = None
 
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None):
-        a, _ = self.attn(self.ln_1(x))
-        x = x + a
-        x = x + self.mlp(self.ln_2(x))
-        return x, targets
+        return (self.compiled or block_body)(self, x), targets
 
     def forward_cached(self, x: torch.Tensor, kv_cache):
         a, new_cache = self.attn(self.ln_1(x), kv_cache)

@@ -8,6 +8,7 @@ about what a profile does on a machine. Nothing here touches CUDA: the engine ap
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -30,6 +31,7 @@ class Placement:
     seqs_per_pass: int  # sequences per forward/backward (the resident engine's micro-batch)
     vram_budget_b: int | None  # the allocator cap in bytes (None: no cap)
     grad_accum: str  # "host" | "device" (streamed engine; "host" elsewhere)
+    compile_blocks: bool = False  # torch.compile the transformer blocks (streamed engine)
 
     @property
     def cuda(self) -> bool:
@@ -74,6 +76,24 @@ def resolve_grad_accum(value: str, device: str) -> str:
     return "device" if device.startswith("cuda") else "host"
 
 
+def resolve_compile_blocks(value: bool | str, engine: str, device: str, dropout: float) -> bool:
+    """``runtime.compile_blocks``: ``auto`` compiles the streamed engine's blocks on CUDA where
+    triton is installed and there is no dropout (a recompute must resample exactly what the first
+    run drew, which compiled random numbers do not promise); ``true`` asks for it anywhere the
+    streamed engine runs (a failure to compile falls back to eager with a warning)."""
+    if engine != "streamed":
+        return False
+    if value is True and dropout > 0:
+        raise ConfigError(f"runtime.compile_blocks is true but model.dropout is {dropout:g}: the streamed engine's "
+                          "recompute must redraw the first run's dropout masks, which compiled random numbers do not "
+                          "promise; set runtime.compile_blocks: false (or auto) or model.dropout: 0")
+    if value != "auto":
+        return bool(value)
+    # inductor's GPU kernels are triton's (a platform where dynamo itself fails is caught by the
+    # warm-up, which falls back to eager); found without importing anything (estimate-memory stays light)
+    return device.startswith("cuda") and dropout == 0 and importlib.util.find_spec("triton") is not None
+
+
 def vram_budget_bytes(budget_gib: float | None, device: str, machine: Machine) -> int | None:
     """The cap the engine applies: the profile's budget, at most the card (None: no budget or no GPU)."""
     gpu = machine.gpu(device)
@@ -115,4 +135,5 @@ def decide(
     else:
         spp = seqs_per_pass or profile.optim.micro_batch_size
         grad_accum = "host"
-    return Placement(device, precision, kind, int(spp), budget, grad_accum)
+    compiled = resolve_compile_blocks(rt.compile_blocks, kind, device, profile.model.dropout)
+    return Placement(device, precision, kind, int(spp), budget, grad_accum, compiled)

@@ -7,6 +7,8 @@ import copy
 
 import pytest
 import torch
+import torch._dynamo
+import torch._dynamo.testing
 
 from ramgpt.config import ModelConfig, OptimConfig
 from ramgpt.engine import ResidentEngine, StreamedEngine
@@ -397,3 +399,85 @@ def test_chunk_loads_reuse_window_slots(device: str) -> None:
                                                             for c in stm.masters)
     finally:
         stm.close()
+
+
+def _compile_backend(device: str):
+    """The backend the compiled-block tests count compilations with: inductor on a GPU; on the CPU
+    aot_eager (the same tracing and autograd split, no C++ build in CI)."""
+    torch._dynamo.reset()
+    return torch._dynamo.testing.CompileCounterWithBackend("inductor" if device == "cuda" else "aot_eager")
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_compiled_blocks_match_eager_and_compile_only_before_training(device: str,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """``compile_blocks``: the warm-up compiles the two graphs a pass uses (no-grad forward,
+    recompute with backward), training then compiles nothing more, and its losses and gradients are
+    those of the same engine with eager blocks."""
+    from ramgpt.engine import compiled
+
+    counter = _compile_backend(device)
+    monkeypatch.setattr(compiled, "BACKEND", counter)
+    cfg = ModelConfig(n_layer=3, n_head=2, n_embd=32, block_size=16, vocab_size=64)
+    precision = "bf16" if device == "cuda" else "fp32"
+    torch.manual_seed(int(torch.randint(0, 10_000, ()).item()))
+    base = GPT(cfg)
+    optim = OptimConfig(lr=1e-2, grad_clip=1.0, micro_batch_size=2, grad_accum_steps=2)
+    eager = StreamedEngine(copy.deepcopy(base), device=device, precision=precision, optim_cfg=optim, seqs_per_pass=2,
+                           window=2)
+    comp = StreamedEngine(base, device=device, precision=precision, optim_cfg=optim, seqs_per_pass=2, window=2,
+                          compile_blocks=True)
+    try:
+        assert eager.warm_up(16) is None and comp.warm_up(16) is None
+        assert counter.frame_count == 2
+        exact = precision == "fp32"  # aot_eager runs the same kernels; inductor's fused bf16 ones round otherwise
+        for step in range(3):
+            x = torch.randint(0, cfg.vocab_size, (4, 16))
+            y = torch.randint(0, cfg.vocab_size, (4, 16))
+            losses = [sum(float(e.forward_backward(x[i : i + 2], y[i : i + 2], last_pass=i == 2)) for i in (0, 2))
+                      for e in (eager, comp)]
+            assert losses[1] == pytest.approx(losses[0], rel=1e-5 if exact else 2e-2), f"step {step} loss"
+            eager._before_optimizer()
+            comp._before_optimizer()
+            if step == 0 or exact:  # bf16: Adam's sign-like first steps make the weights part after one update
+                g_eager, g_comp = _grads(eager), _grads(comp)
+                for n in g_eager:
+                    scale = float(g_eager[n].abs().max()) + 1e-3
+                    rtol, atol = (1e-4, 1e-6 * scale) if exact else (3e-2, 3e-2 * scale)
+                    torch.testing.assert_close(g_comp[n], g_eager[n], rtol=rtol, atol=atol, msg=n)
+            eager.optimizer_step(1e-2, n_tokens=4 * 16)
+            comp.optimizer_step(1e-2, n_tokens=4 * 16)
+        assert counter.frame_count == 2  # nothing compiled mid-training
+    finally:
+        eager.close()
+        comp.close()
+        torch._dynamo.reset()
+
+
+def test_blocks_run_eager_when_compiling_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A backend that cannot compile (no compiler, an unsupported platform): the warm-up returns a
+    one-line warning naming the way out, and training goes on with eager blocks."""
+    from ramgpt.engine import compiled
+
+    def broken(gm, inputs):
+        raise RuntimeError("no C compiler found\nsecond line")
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(compiled, "BACKEND", broken)
+    cfg = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64)
+    torch.manual_seed(int(torch.randint(0, 10_000, ()).item()))
+    base = GPT(cfg)
+    res = ResidentEngine(copy.deepcopy(base), device="cpu", precision="fp32", optim_cfg=OptimConfig(lr=1e-3),
+                         micro_batch_size=2, gradient_checkpointing=False)
+    stm = StreamedEngine(base, device="cpu", precision="fp32", optim_cfg=OptimConfig(lr=1e-3), seqs_per_pass=2,
+                         window=2, compile_blocks=True)
+    try:
+        warning = stm.warm_up(16)
+        assert warning is not None and "no C compiler found" in warning and "second line" not in warning
+        assert "runtime.compile_blocks: false" in warning
+        assert not stm.compile_blocks
+        x = torch.randint(0, cfg.vocab_size, (4, 16))
+        assert stm.train_step(x, x, 1e-3).loss_sum == pytest.approx(res.train_step(x, x, 1e-3).loss_sum, rel=1e-5)
+    finally:
+        stm.close()
+        torch._dynamo.reset()

@@ -446,3 +446,97 @@ def JsonlSinkFor(run_dir: Path):  # noqa: N802 - reads like a sink class at the 
     from ramgpt.sinks.jsonl import JsonlSink
 
     return JsonlSink(run_dir)
+
+
+def _streamed(run_dir: Path, *extra: str):
+    return _profile(run_dir, "runtime.engine=streamed", "optim.max_steps=4", "logging.eval_interval=100",
+                    "checkpoint.save_interval_steps=100", *extra)
+
+
+class _Frames:
+    """A sink noting each logged step's loss and how many graphs dynamo had compiled by then."""
+
+    def __init__(self, counter):
+        self.counter, self.losses, self.frames = counter, [], []
+
+    def log(self, metrics, step):
+        if "loss" in metrics:
+            self.losses.append(metrics["loss"])
+            self.frames.append(self.counter.frame_count)
+
+    def progress(self, step, **quick):
+        pass
+
+    def event(self, kind, message):
+        pass
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize(("device", "spp", "graphs"), [
+    ("cpu", 4, 2),  # passes and evaluation batches of 4: the forward and the recompute
+    ("cpu", 3, 5),  # passes of 3 and 2 (8 per step), evaluation batches of 4 in passes of 3 and 1: one more forward
+    pytest.param("cuda", None, None, marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")),
+])
+def test_compiled_blocks_train_the_same_losses(device: str, spp: int | None, graphs: int | None, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """runtime.compile_blocks=true: the blocks compile before the first step, beside the engine's
+    set-up, for every pass and evaluation size (on the CPU with aot_eager, the same tracing without
+    a C++ build; on a GPU with inductor, bf16); nothing compiles mid-run, and training logs the
+    losses of the eager run."""
+    import torch._dynamo
+    import torch._dynamo.testing
+
+    from ramgpt.engine import compiled
+
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager" if device == "cpu" else "inductor")
+    monkeypatch.setattr(compiled, "BACKEND", counter)
+    sets = [f"runtime.device={device}", "logging.eval_interval=2"] + ([f"runtime.seqs_per_pass={spp}"] if spp else [])
+    runs = {}
+    try:
+        for on in ("false", "true"):
+            runs[on] = _Frames(counter)
+            res = train(_streamed(tmp_path / on, f"runtime.compile_blocks={on}", *sets), sinks=[runs[on]])
+            assert res.steps == 4 and not [n for n in res.notices if "compile" in n]
+        end = counter.frame_count
+    finally:
+        torch._dynamo.reset()
+    assert runs["false"].frames == [0] * 4  # eager: nothing compiled
+    assert runs["true"].frames == [end] * 4 and end > 0  # all before the first step, evaluations included
+    if graphs is not None:
+        assert end == graphs
+    eager, comp = runs["false"].losses, runs["true"].losses
+    assert len(eager) == 4 and comp == pytest.approx(eager, rel=1e-5 if device == "cpu" else 2e-2)
+
+
+def test_a_failed_compile_warns_and_trains_eager(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch._dynamo
+
+    from ramgpt.engine import compiled
+
+    def broken(gm, inputs):
+        raise RuntimeError("cannot find a C++ compiler")
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(compiled, "BACKEND", broken)
+    try:
+        res = train(_streamed(tmp_path / "r", "runtime.compile_blocks=true"))
+    finally:
+        torch._dynamo.reset()
+    assert res.steps == 4 and len([r for r in _rows(tmp_path / "r") if "loss" in r]) == 4
+    warnings = [n for n in res.notices if "compile" in n]
+    assert len(warnings) == 1 and "cannot find a C++ compiler" in warnings[0] and "\n" not in warnings[0]
+
+
+def test_compile_blocks_needs_no_dropout_and_is_off_on_the_cpu_by_default(tmp_path: Path) -> None:
+    from ramgpt.placement import decide
+    from ramgpt.probe import probe_machine
+
+    machine = probe_machine()
+    assert not decide(_streamed(tmp_path / "a"), machine).compile_blocks  # auto, CPU
+    assert decide(_streamed(tmp_path / "b", "runtime.compile_blocks=true"), machine).compile_blocks
+    assert not decide(_profile(tmp_path / "c", "runtime.compile_blocks=true"), machine).compile_blocks  # resident
+    with pytest.raises(ConfigError, match="model.dropout"):
+        train(_streamed(tmp_path / "d", "runtime.compile_blocks=true", "model.dropout=0.1"))

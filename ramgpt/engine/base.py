@@ -16,7 +16,7 @@ import torch.nn as nn
 from ramgpt.checkpoint.tensorfile import materialize
 from ramgpt.model import GPT, tied_aliases
 
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def apply_vram_budget(device: str, budget_b: int | None) -> None:
@@ -101,7 +101,7 @@ class Engine:
         self.model = model
         self.device = device
         self.precision = precision
-        self.compute_dtype = _DTYPES[precision]
+        self.compute_dtype = DTYPES[precision]
         self.cfg = optim_cfg
         self.vram_budget_b = vram_budget_b
         self.comm: Any = None  # ramgpt.dist.Comm when one of several ranks (set by the subclasses)
@@ -114,6 +114,11 @@ class Engine:
         if self.precision == "fp32":
             return nullcontext()
         return torch.autocast(torch.device(self.device).type, dtype=self.compute_dtype)
+
+    def warm_up(self, seq_len: int, started: Any = None) -> str | None:
+        """Work to do once before the first step (compiling; ``started``: a
+        :class:`~ramgpt.engine.compiled.BlockWarmUp` begun earlier); a warning to show, or None."""
+        return started.result() if started is not None else None
 
     # -- what the training loop calls -----------------------------------------------------------
     def train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float, n_tokens: int | None = None) -> StepReport:

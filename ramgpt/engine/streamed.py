@@ -36,11 +36,12 @@ import torch.nn as nn
 from ramgpt.dist import Comm, chunk_owners
 from ramgpt.engine.base import Engine, StepReport, make_optimizer, release_freed_heap
 from ramgpt.engine.chunked_adamw import ChunkedAdamW
+from ramgpt.engine.compiled import BlockWarmUp, compiled_block_body
 from ramgpt.engine.gradpath import DeviceGradPath, HostGradPath
 from ramgpt.engine.hostmem import ALIGN, PAGE, FileArena, HostArena, aligned
 from ramgpt.engine.nodeshare import NodeShare
 from ramgpt.engine.offload import load_plan, offload_model_class
-from ramgpt.model import GPT
+from ramgpt.model import GPT, Block
 from ramgpt.placement import resolve_grad_accum
 
 
@@ -189,14 +190,15 @@ class StreamedEngine(Engine):
     def __init__(self, model: GPT, *, device: str, precision: str, optim_cfg, seqs_per_pass: int,
                  window: int = 3, pin: int = 0, vram_budget_b: int | None = None, grad_accum: str = "host",
                  moments_file: Path | None = None, comm: Comm | None = None, optimizer_gpu_share: float = 0.0,
-                 host_bf16_copies: bool = False):
+                 host_bf16_copies: bool = False, compile_blocks: bool = False):
         """``moments_file``: the low-RAM mode (``runtime.optimizer_on_disk``): AdamW's moments live in
         this memory-mapped file (removed on close) instead of RAM. ``comm``: one of several ranks
         (:mod:`ramgpt.dist`): the state is shared by the node's ranks and each chunk updated by its owner.
         ``optimizer_gpu_share``: the share of the parameters whose update the GPU does (one process on
         CUDA with ``grad_accum=device``, moments in RAM; otherwise the CPU updates everything).
         ``host_bf16_copies``: keep page-locked bf16 copies of the chunks for the GPU to load (one
-        process; the default loads the fp32 masters and casts them on the GPU)."""
+        process; the default loads the fp32 masters and casts them on the GPU). ``compile_blocks``:
+        the blocks run through one compiled graph (:mod:`.compiled`), compiled by :meth:`warm_up`."""
         if device.startswith("cuda") and torch.device(device).index is None:
             # worker threads must name the device: the current one is per thread
             device = f"cuda:{torch.cuda.current_device()}"
@@ -258,6 +260,12 @@ class StreamedEngine(Engine):
                                     device, "the bf16 weight copies")
         modules = _streamed_modules(self.masters, self.copies, self.compute_dtype)
         self._head_copy = modules[-1]
+        self.compile_blocks = compile_blocks
+        if compile_blocks:
+            body = compiled_block_body()
+            for m in modules:
+                if isinstance(m, Block):
+                    m.compiled = body
         keep = "checkpoint" if model.cfg.dropout > 0 else False  # recompute would resample dropout
         self.h2d = TransferClock(self.cuda)
         self.d2h = TransferClock(self.cuda)
@@ -441,6 +449,28 @@ class StreamedEngine(Engine):
     def _on_grads(self, idx: int, named_grads: dict[str, torch.Tensor]) -> None:
         with self.idle.span("grad") if self.idle is not None else nullcontext():
             self.grads.on_grads(idx, named_grads)
+
+    def warm_up(self, seq_len: int, started: BlockWarmUp | None = None) -> str | None:
+        """With ``compile_blocks``: compile the blocks' graphs for passes of ``seqs_per_pass`` x
+        ``seq_len`` tokens (or wait for ``started``, a warm-up begun before this engine was built,
+        for every pass and evaluation size of a run); where that fails the blocks run eager and the
+        warning is returned."""
+        if not self.compile_blocks:
+            return started.result() if started is not None else None
+        if started is None:
+            started = BlockWarmUp(self.model.cfg, self.device, self.compute_dtype, seq_len, [self._spp])
+            started.start()
+        try:
+            warning = started.result()
+        finally:
+            if self.cuda:
+                torch.cuda.empty_cache()  # the warm-up's activations: give the cap's room back to training
+        if warning is not None:
+            self.compile_blocks = False
+            for m in self.om.chunks:
+                if isinstance(m, Block):
+                    m.compiled = None
+        return warning
 
     # -- passes ----------------------------------------------------------------------------------
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor, last_pass: bool = False) -> torch.Tensor:

@@ -19,6 +19,8 @@ from ramgpt import checkpoint as ckpt
 from ramgpt.config import Profile
 from ramgpt.dist import Comm, DistContext
 from ramgpt.dist import from_env as dist_from_env
+from ramgpt.engine.base import DTYPES
+from ramgpt.engine.compiled import BlockWarmUp, pass_sizes
 from ramgpt.errors import CheckpointError, ConfigError, OutOfMemoryError, RamgptError, is_out_of_memory
 from ramgpt.fmt import first_line
 from ramgpt.memory.timing import flops_per_token
@@ -254,12 +256,19 @@ def setup_run(profile: Profile, *, resume: str | None, sinks: list | None, on_sa
                      tokens_seen=state.tokens_seen)
 
     engine = None
+    compiling = None
     try:
         # the data first: a missing or unreadable dataset is a one-line error before minutes of set-up
         phase("reading the data")
         data = TokenBatches(profile.data, tokenizer, "train", profile.optim.micro_batch_size, profile.data.seed)
         eval_set = eval_batches(profile.data, tokenizer, profile.logging.eval_batches, profile.optim.micro_batch_size)
         chars_per_token = _chars_per_token(profile, tokenizer)
+        if placement.compile_blocks:  # compiles in a thread of its own while the weights are built and placed
+            world = ctx.world if ctx is not None else 1
+            compiling = BlockWarmUp(profile.model, placement.device, DTYPES[placement.precision], profile.data.seq_len,
+                                    pass_sizes(profile.optim.seqs_per_step, placement.seqs_per_pass, world),
+                                    pass_sizes(profile.optim.micro_batch_size, placement.seqs_per_pass))  # evaluation
+            compiling.start()
         phase("building the model")
         # the same weights on every rank (one seed); the streamed engine allocates them in its
         # page-locked arena and initialises them there
@@ -269,6 +278,12 @@ def setup_run(profile: Profile, *, resume: str | None, sinks: list | None, on_sa
             raise ConfigError("runtime.optimizer_on_disk needs the streamed engine, but this machine runs the profile "
                               f"on the {placement.engine} engine; set runtime.engine=streamed")
         engine = build_engine(model, placement, profile.optim, rt, scratch_dir=run_dir.path, comm=comm)
+        if compiling is not None and compiling.is_alive():
+            phase("compiling the blocks (torch.compile; later runs reuse its cache)")
+        warning = engine.warm_up(profile.data.seq_len, compiling)
+        if warning is not None:
+            notices.append(warning)
+            out.event("warning", warning)
         if comm is not None:
             torch.manual_seed(rt.seed + comm.ctx.rank)  # each rank its own dropout masks
         if loaded is not None:

@@ -1,0 +1,126 @@
+"""``runtime.compile_blocks``: the transformer blocks run through one ``torch.compile``d graph.
+
+A block's training forward is :func:`ramgpt.model.block_body`, a function of the block: compiled
+once (``fullgraph``, static shapes), it serves all the blocks of a model, whose weights are the
+graph's inputs, not constants. So the streamed engine, which hands each block freshly loaded
+tensors, compiles two graphs per pass size: the no-grad forward and the recompute with grad (its
+backward compiled with it). Inductor fuses the LayerNorms, bias adds, GELU and residual adds, and
+the compute thread makes one Python call per block instead of one per operator.
+
+Compiling happens before the first step (:class:`BlockWarmUp`, with the real shapes, beside the
+engine's set-up), so that a missing compiler or an unsupported platform shows up there, where the
+blocks fall back to eager with a warning, rather than in the middle of a step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+
+import torch
+
+BACKEND = "inductor"  # tests on the CPU use "aot_eager": the same tracing without code generation
+
+
+def compiled_block_body():
+    """The compiled :func:`ramgpt.model.block_body` for :data:`BACKEND`, one object per backend:
+    dynamo's guards tie a compiled graph to the compiling object, so the warm-up and the engine
+    must share it (compilation itself happens at the first call)."""
+    return _compiled(BACKEND)
+
+
+@functools.cache
+def _compiled(backend):
+    from ramgpt.model import block_body
+
+    return torch.compile(block_body, backend=backend, dynamic=False, fullgraph=True)
+
+
+def pass_sizes(seqs_per_step: int, seqs_per_pass: int, world: int = 1) -> list[int]:
+    """The batch sizes of a step's passes on one rank: full passes, and a last shorter one where
+    the rank's sequences do not divide."""
+    mine = -(-seqs_per_step // world)
+    return sorted({min(seqs_per_pass, mine), mine % seqs_per_pass} - {0})
+
+
+class BlockWarmUp(threading.Thread):
+    """Compiles the blocks' graphs -- for each training pass size the no-grad forward and the
+    recompute with its backward, for each evaluation batch size the forward, as the streamed engine
+    runs them (weights as plain tensors in the block's ``_parameters``, the compute dtype and
+    autocast) -- on a stand-in block with random weights, in a thread of its own: started before
+    the engine places the weights, it compiles meanwhile. Each shape is a graph of its own
+    (``dynamic=False``), so none is left to compile in the middle of a run. :meth:`result` waits
+    and returns None, or a warning where compiling failed (the blocks must then run eager).
+    Running out of memory is not a compile failure: :meth:`result` raises it."""
+
+    def __init__(self, cfg, device: str, dtype: torch.dtype, seq_len: int, train_seqs: list[int],
+                 eval_seqs: list[int] = ()):
+        super().__init__(name="ramgpt-compile", daemon=True)
+        dev = torch.device(device)
+        if dev.type == "cuda" and dev.index is None:  # "cuda" is this thread's current device; the worker's is 0
+            dev = torch.device("cuda", torch.cuda.current_device())
+        self.cfg, self.dev, self.dtype, self.seq_len = cfg, dev, dtype, seq_len
+        self.train_seqs, self.eval_seqs = sorted(set(train_seqs)), sorted(set(eval_seqs) - set(train_seqs))
+        self.body = compiled_block_body()
+        self.warning: str | None = None
+        self._error: BaseException | None = None
+
+    def _compile(self) -> None:
+        from ramgpt.model import Block
+
+        dev, dtype = self.dev, self.dtype
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        gen = torch.Generator(device=dev).manual_seed(0)  # training's own random state stays untouched
+        with torch.no_grad():
+            with torch.device("meta"):  # no draw from the global generator (the main thread's weights use it)
+                block = Block(self.cfg)
+            block.to_empty(device=dev)
+            weights = []
+            for mod in block.modules():
+                for leaf, p in list(mod._parameters.items()):
+                    t = p.detach().to(dtype).normal_(0.0, 0.02, generator=gen)
+                    mod._parameters[leaf] = t  # the engine hands a block plain tensors
+                    weights.append(t)
+
+        def autocast():
+            return torch.autocast(dev.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+
+        for seqs in [*self.train_seqs, *self.eval_seqs]:
+            x = torch.randn(seqs, self.seq_len, self.cfg.n_embd, device=dev, dtype=dtype, generator=gen)
+            with torch.no_grad(), autocast():  # the forward phase of a pass; an evaluation batch
+                self.body(block, x)
+            if seqs not in self.train_seqs:
+                continue
+            for t in weights:
+                t.requires_grad_(True)
+            inp = x.detach().requires_grad_(True)
+            with torch.enable_grad():  # the recompute and its backward, as ramtorch runs them
+                with autocast():
+                    out = self.body(block, inp)
+                torch.autograd.grad([out], [inp, *weights], grad_outputs=[torch.ones_like(out)])
+            for t in weights:
+                t.requires_grad_(False)
+            del x, inp, out
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    def run(self) -> None:
+        try:
+            self._compile()
+        except torch.OutOfMemoryError as e:
+            self._error = e
+        except Exception as e:  # noqa: BLE001 - any failure to compile means: run eager
+            root = e  # dynamo wraps the backend's error (BackendCompilerFailed): name the original
+            while (inner := root.__cause__ or getattr(root, "inner_exception", None)) is not None and inner is not root:
+                root = inner
+            first = (str(root).strip().splitlines() or [""])[0][:200]
+            self.warning = (f"torch.compile of the blocks failed ({type(root).__name__}: {first}); they run "
+                            "uncompiled (runtime.compile_blocks: false skips the attempt)")
+
+    def result(self) -> str | None:
+        self.join()
+        if self._error is not None:
+            raise self._error
+        return self.warning
