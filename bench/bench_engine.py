@@ -9,7 +9,8 @@ Sections (run them on one warm machine, so the ratios compare like with like):
   streamed   ramgpt streamed engine through ramgpt.train.train(), rtx3050-6gb (5.1 GiB budget);
              env SPP (seqs per pass, default 16), ACC (host|device gradient accumulation; default
              the profile's auto), STEPS, SETS (more overrides: "key=value key=value"),
-             LOAD_SLOTS=0 (A/B: a fresh device allocation per chunk load, as before round 5)
+             LOAD_SLOTS=0 (A/B: a fresh device allocation per chunk load, as before round 5),
+             SWITCH (A/B: sys.setswitchinterval, seconds)
   p1b        ramgpt streamed engine, 0p1b under the same 5.1 GiB budget; env STEPS, ACC
   p1b_resident  resident PyTorch, 0p1b, no cap (the p1b section's baseline); env MB, STEPS
   agree      small model: resident vs streamed bf16 loss curves on the GPU (same init, same data);
@@ -307,6 +308,8 @@ def main() -> None:
     ap.add_argument("--tag", default="", help="suffix of the result file: DIR/<section><tag>.json")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if os.environ.get("SWITCH"):  # A/B: the interpreter's GIL switch interval in seconds (default 0.005)
+        sys.setswitchinterval(float(os.environ["SWITCH"]))
     if os.environ.get("LOAD_SLOTS") == "0":  # A/B: a fresh device allocation per chunk load (before round 5)
         from ramgpt.engine import streamed
 

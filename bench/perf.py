@@ -227,6 +227,9 @@ def section_trace(out: Path) -> dict:
     t0 = time.perf_counter()
     eng = build_engine(model, decide(prof, probe_machine()), prof.optim, prof.runtime)
     engine_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    warning = eng.warm_up(T)  # runtime.compile_blocks: compile before the timed steps, as train() does
+    warm_up_s = time.perf_counter() - t0
     spp = eng.seqs_per_pass
     pinned_ok = all(t.is_pinned() for st in eng.om._state for t in st.tensors.values())
     in_arena = all(eng.arena.contains(t) for st in eng.om._state for t in st.tensors.values())
@@ -320,7 +323,8 @@ def section_trace(out: Path) -> dict:
             "pinned_gib": c1["pinned_b"] / 2**30, "step_s": steps, "grad_norm": rep.grad_norm, "traced_step_s": traced_s,
             "compute_span_ms": span_ms, "compute_busy_ms": busy_ms, "gaps_over_1ms": sum(g for g in gaps if g > 1),
             "largest_gaps_ms": gaps[:8], "gaps_over_0p2ms_by_range_ms_n": top, "gap_ms_by_cause": why, "copy_busy_ms": copies,
-            "alloc_retries": alloc.get("num_alloc_retries", 0), "counters": counters, "spp": spp}
+            "alloc_retries": alloc.get("num_alloc_retries", 0), "counters": counters, "spp": spp,
+            "compiled_blocks": eng.compile_blocks, "warm_up_s": warm_up_s, "warm_up_warning": warning}
 
 
 SECTIONS = {"ceiling": section_ceiling, "model": section_model, "optim": section_optim, "pin": section_pin,
