@@ -33,7 +33,7 @@ Status = Literal["ok", "warn", "fail"]
 GiB = 2**30
 MiB = 2**20
 
-PACKAGES = ("torch", "ramtorch", "transformers", "datasets", "huggingface_hub", "wandb")
+PACKAGES = ("torch", "ramtorch", "transformers", "datasets", "huggingface_hub", "wandb", "triton")
 DEFAULT_PIN_BYTES = 256 * MiB
 MAX_PIN_BYTES = 8 * GiB
 CHILD_TIMEOUT_S = 60.0  # a hang guard: a cold `import torch` on a busy 2-core machine took 25 s
@@ -445,8 +445,8 @@ def _probe_packages(ctx: _Ctx) -> list[CheckResult]:
     pk = ctx.torch_info()["packages"]
     out = []
     for name in PACKAGES:
-        if name == "torch":
-            continue  # reported by the torch check
+        if name in ("torch", "triton"):
+            continue  # reported by the torch and compiled-blocks checks
         r = pk.get(name) or {"ok": False, "error": "not checked"}
         if r.get("ok"):
             out.append(CheckResult(name, "ok", f"{name} {r.get('version')}", group="packages"))
@@ -593,6 +593,21 @@ def _probe_device(ctx: _Ctx) -> CheckResult:
     )
 
 
+def _probe_compile(ctx: _Ctx) -> list[CheckResult]:
+    """On a GPU: can the streamed engine compile its blocks (``runtime.compile_blocks: auto``)?"""
+    t = ctx.torch_info().get("torch") or {}
+    if not t.get("cuda"):
+        return []  # auto compiles only on CUDA
+    r = ctx.torch_info()["packages"].get("triton") or {"ok": False, "error": "not checked"}
+    if r.get("ok"):
+        return [CheckResult("compiled blocks", "ok", f"triton {r.get('version')}: the streamed engine compiles its "
+                            "blocks (runtime.compile_blocks: auto)", group="packages")]
+    return [CheckResult("compiled blocks", "warn",
+                        f"triton does not import ({r.get('error', '')}"[:200] + "): the blocks run uncompiled",
+                        "pip install triton (Linux; triton-windows on Windows): compiled blocks measured 4-5% faster "
+                        "on an H200 (docs/benchmarks.md)", group="packages")]
+
+
 def _probe_profile(ctx: _Ctx) -> list[CheckResult]:
     if ctx.profile is None:
         return []
@@ -717,6 +732,7 @@ def _probes() -> list[tuple[str, Callable[[_Ctx], CheckResult | list[CheckResult
         ("disk (HF cache)", "_probe_hf_cache"),
         ("limits", "_probe_limits"),
         ("packages", "_probe_packages"),
+        ("compiled blocks", "_probe_compile"),
         ("tokens", "_probe_tokens"),
         ("Hub reachable", "_probe_hub"),
         ("profile", "_probe_profile"),

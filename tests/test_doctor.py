@@ -234,6 +234,20 @@ def test_broken_optional_package_is_a_warning(monkeypatch):
     assert ds.status == "fail" and ds.blocking
 
 
+def test_compiled_blocks_row_says_whether_triton_imports_on_a_gpu(monkeypatch):
+    _fake(monkeypatch, cuda=True)
+    row = _check(D.run_doctor(None), "compiled blocks")
+    assert row.status == "ok" and "triton 1.0" in row.message
+    _fake(monkeypatch, cuda=True, broken=("triton",))
+    results = D.run_doctor(None)
+    row = _check(results, "compiled blocks")
+    assert row.status == "warn" and "uncompiled" in row.message and "pip install triton" in row.remedy
+    assert not D.blocking_failures(results)
+    assert "triton" not in [r.name for r in results]  # not a package row of its own
+    _fake(monkeypatch, broken=("triton",))  # no GPU: the blocks would not compile anyway
+    assert "compiled blocks" not in [r.name for r in D.run_doctor(None)]
+
+
 def test_child_crash_is_reported(monkeypatch):
     class Crashing(_FakeChild):
         def result(self):
