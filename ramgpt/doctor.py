@@ -600,8 +600,10 @@ def _probe_compile(ctx: _Ctx) -> list[CheckResult]:
         return []  # auto compiles only on CUDA
     r = ctx.torch_info()["packages"].get("triton") or {"ok": False, "error": "not checked"}
     if r.get("ok"):
-        return [CheckResult("compiled blocks", "ok", f"triton {r.get('version')}: the streamed engine compiles its "
-                            "blocks (runtime.compile_blocks: auto)", group="packages")]
+        off = ctx.profile is not None and ctx.profile.runtime.compile_blocks is False
+        what = "the profile sets runtime.compile_blocks: false" if off else \
+            "the streamed engine compiles its blocks (runtime.compile_blocks: auto)"
+        return [CheckResult("compiled blocks", "ok", f"triton {r.get('version')}: {what}", group="packages")]
     return [CheckResult("compiled blocks", "warn",
                         f"triton does not import ({r.get('error', '')}"[:200] + "): the blocks run uncompiled",
                         "pip install triton (Linux; triton-windows on Windows): compiled blocks measured 4-5% faster "

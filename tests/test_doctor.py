@@ -237,7 +237,9 @@ def test_broken_optional_package_is_a_warning(monkeypatch):
 def test_compiled_blocks_row_says_whether_triton_imports_on_a_gpu(monkeypatch):
     _fake(monkeypatch, cuda=True)
     row = _check(D.run_doctor(None), "compiled blocks")
-    assert row.status == "ok" and "triton 1.0" in row.message
+    assert row.status == "ok" and "triton 1.0" in row.message and "compiles" in row.message
+    off = load_profile("rtx3050-6gb", ["runtime.compile_blocks=false"], use_env=False)
+    assert "compile_blocks: false" in _check(D.run_doctor(off), "compiled blocks").message
     _fake(monkeypatch, cuda=True, broken=("triton",))
     results = D.run_doctor(None)
     row = _check(results, "compiled blocks")

@@ -474,17 +474,22 @@ class _Frames:
         pass
 
 
-@pytest.mark.parametrize(("device", "spp", "graphs"), [
-    ("cpu", 4, 2),  # passes and evaluation batches of 4: the forward and the recompute
-    ("cpu", 3, 5),  # passes of 3 and 2 (8 per step), evaluation batches of 4 in passes of 3 and 1: one more forward
-    pytest.param("cuda", None, None, marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")),
+@pytest.mark.parametrize(("device", "extra", "graphs"), [
+    # passes and the evaluation of 4 sequences: the forward and the recompute
+    ("cpu", ["runtime.seqs_per_pass=4"], 2),
+    # passes of 3, 3 and 2 (8 per step), the evaluation in passes of 3 and 1: one more forward
+    ("cpu", ["runtime.seqs_per_pass=3"], 5),
+    # passes of 8, the evaluation's 12 sequences in passes of 8 and 4: one more forward
+    ("cpu", ["runtime.seqs_per_pass=8", "logging.eval_batches=3"], 3),
+    pytest.param("cuda", ["logging.eval_batches=3"], None,
+                 marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")),
 ])
-def test_compiled_blocks_train_the_same_losses(device: str, spp: int | None, graphs: int | None, tmp_path: Path,
+def test_compiled_blocks_train_the_same_losses(device: str, extra: list[str], graphs: int | None, tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """runtime.compile_blocks=true: the blocks compile before the first step, beside the engine's
     set-up, for every pass and evaluation size (on the CPU with aot_eager, the same tracing without
-    a C++ build; on a GPU with inductor, bf16); nothing compiles mid-run, and training logs the
-    losses of the eager run."""
+    a C++ build; on a GPU with inductor, bf16): with a stance that fails on any further
+    compilation, training runs through and logs the losses of the eager run."""
     import torch._dynamo
     import torch._dynamo.testing
 
@@ -493,7 +498,8 @@ def test_compiled_blocks_train_the_same_losses(device: str, spp: int | None, gra
     torch._dynamo.reset()
     counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager" if device == "cpu" else "inductor")
     monkeypatch.setattr(compiled, "BACKEND", counter)
-    sets = [f"runtime.device={device}", "logging.eval_interval=2"] + ([f"runtime.seqs_per_pass={spp}"] if spp else [])
+    monkeypatch.setattr(compiled.CompiledBlocks, "stance", "fail_on_recompile")
+    sets = [f"runtime.device={device}", "logging.eval_interval=2", *extra]
     runs = {}
     try:
         for on in ("false", "true"):
@@ -509,6 +515,32 @@ def test_compiled_blocks_train_the_same_losses(device: str, spp: int | None, gra
         assert end == graphs
     eager, comp = runs["false"].losses, runs["true"].losses
     assert len(eager) == 4 and comp == pytest.approx(eager, rel=1e-5 if device == "cpu" else 2e-2)
+
+
+def test_chunks_kept_on_the_device_run_eager_without_compiling_mid_run(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """runtime.stream_pin: ramtorch hands a kept chunk its nn.Parameter weights, a tensor type the
+    warm-up did not compile for; those blocks run eager (no compilation mid-run, which with many
+    such graphs would stop training at dynamo's limit) and the losses are the eager run's."""
+    import torch._dynamo
+    import torch._dynamo.testing
+
+    from ramgpt.engine import compiled
+
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    monkeypatch.setattr(compiled, "BACKEND", counter)
+    sets = ["runtime.seqs_per_pass=3", "runtime.stream_pin=2"]
+    try:
+        eager, comp = _Frames(counter), _Frames(counter)
+        train(_streamed(tmp_path / "e", "runtime.compile_blocks=false", *sets), sinks=[eager])
+        train(_streamed(tmp_path / "c", "runtime.compile_blocks=true", *sets), sinks=[comp])
+    finally:
+        torch._dynamo.reset()
+    assert comp.frames == [comp.frames[0]] * 4 and comp.frames[0] > 0
+    # rel 1e-3: with stream_pin two eager runs in one process already differ by ~1e-4 after the
+    # first update (found with this test, not caused by compiling; docs/design.md, open question)
+    assert comp.losses == pytest.approx(eager.losses, rel=1e-3) and len(eager.losses) == 4
 
 
 def test_a_failed_compile_warns_and_trains_eager(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

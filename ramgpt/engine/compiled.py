@@ -20,7 +20,12 @@ import threading
 
 import torch
 
+from ramgpt.errors import is_out_of_memory
+
 BACKEND = "inductor"  # tests on the CPU use "aot_eager": the same tracing without code generation
+
+
+GRAPH_LIMIT = 64  # graphs per compiled function (dynamo's default, 8, is reached by a few runs in one process)
 
 
 def compiled_block_body():
@@ -37,11 +42,30 @@ def _compiled(backend):
     return torch.compile(block_body, backend=backend, dynamic=False, fullgraph=True)
 
 
-def pass_sizes(seqs_per_step: int, seqs_per_pass: int, world: int = 1) -> list[int]:
-    """The batch sizes of a step's passes on one rank: full passes, and a last shorter one where
-    the rank's sequences do not divide."""
-    mine = -(-seqs_per_step // world)
-    return sorted({min(seqs_per_pass, mine), mine % seqs_per_pass} - {0})
+class CompiledBlocks:
+    """What a block calls once the warm-up is done: the compiled graphs where one fits the call,
+    eager where none does (a shape or tensor type nobody planned for, e.g. the ``nn.Parameter``
+    weights of a chunk kept on the GPU with ``runtime.stream_pin``): never a compilation, or the
+    compile-limit error, in the middle of a run."""
+
+    stance = "eager_on_recompile"  # tests: "fail_on_recompile", to prove the warm-up left nothing out
+
+    def __init__(self):
+        self.body = compiled_block_body()
+
+    def __call__(self, block, x):
+        with torch.compiler.set_stance(self.stance):
+            return self.body(block, x)
+
+
+def pass_sizes(n_seqs: int, seqs_per_pass: int, world: int = 1) -> list[int]:
+    """The batch sizes of the passes over ``n_seqs`` sequences split over ``world`` ranks
+    (``t[rank::world]``: a rank has the ceiling or the floor of its share), each rank's cut into
+    passes of ``seqs_per_pass`` and a last shorter one."""
+    sizes: set[int] = set()
+    for mine in {-(-n_seqs // world), n_seqs // world} - {0}:
+        sizes |= {min(seqs_per_pass, mine), mine % seqs_per_pass}
+    return sorted(sizes - {0})
 
 
 class BlockWarmUp(threading.Thread):
@@ -67,6 +91,17 @@ class BlockWarmUp(threading.Thread):
         self._error: BaseException | None = None
 
     def _compile(self) -> None:
+        import torch._dynamo.config as dynamo_config
+
+        if not hasattr(torch.compiler, "set_stance"):
+            raise RuntimeError(f"needs torch 2.6 or later (torch.compiler.set_stance), this is {torch.__version__}")
+
+        name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"  # before 2.7
+        setattr(dynamo_config, name, max(getattr(dynamo_config, name), GRAPH_LIMIT))
+        with torch.compiler.set_stance("default"):
+            self._compile_all()
+
+    def _compile_all(self) -> None:
         from ramgpt.model import Block
 
         dev, dtype = self.dev, self.dtype
@@ -109,11 +144,13 @@ class BlockWarmUp(threading.Thread):
     def run(self) -> None:
         try:
             self._compile()
-        except torch.OutOfMemoryError as e:
-            self._error = e
         except Exception as e:  # noqa: BLE001 - any failure to compile means: run eager
-            root = e  # dynamo wraps the backend's error (BackendCompilerFailed): name the original
-            while (inner := root.__cause__ or getattr(root, "inner_exception", None)) is not None and inner is not root:
+            if is_out_of_memory(e):  # also where dynamo wrapped it: not a compile failure
+                self._error = e
+                return
+            root, seen = e, {id(e)}  # dynamo wraps the backend's error (BackendCompilerFailed): name the original
+            while (inner := root.__cause__ or getattr(root, "inner_exception", None)) is not None and id(inner) not in seen:
+                seen.add(id(inner))
                 root = inner
             first = (str(root).strip().splitlines() or [""])[0][:200]
             self.warning = (f"torch.compile of the blocks failed ({type(root).__name__}: {first}); they run "

@@ -36,7 +36,7 @@ import torch.nn as nn
 from ramgpt.dist import Comm, chunk_owners
 from ramgpt.engine.base import Engine, StepReport, make_optimizer, release_freed_heap
 from ramgpt.engine.chunked_adamw import ChunkedAdamW
-from ramgpt.engine.compiled import BlockWarmUp, compiled_block_body
+from ramgpt.engine.compiled import BlockWarmUp, CompiledBlocks
 from ramgpt.engine.gradpath import DeviceGradPath, HostGradPath
 from ramgpt.engine.hostmem import ALIGN, PAGE, FileArena, HostArena, aligned
 from ramgpt.engine.nodeshare import NodeShare
@@ -262,7 +262,7 @@ class StreamedEngine(Engine):
         self._head_copy = modules[-1]
         self.compile_blocks = compile_blocks
         if compile_blocks:
-            body = compiled_block_body()
+            body = CompiledBlocks()
             for m in modules:
                 if isinstance(m, Block):
                     m.compiled = body

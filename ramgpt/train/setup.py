@@ -263,16 +263,21 @@ def setup_run(profile: Profile, *, resume: str | None, sinks: list | None, on_sa
         data = TokenBatches(profile.data, tokenizer, "train", profile.optim.micro_batch_size, profile.data.seed)
         eval_set = eval_batches(profile.data, tokenizer, profile.logging.eval_batches, profile.optim.micro_batch_size)
         chars_per_token = _chars_per_token(profile, tokenizer)
-        if placement.compile_blocks:  # compiles in a thread of its own while the weights are built and placed
-            world = ctx.world if ctx is not None else 1
-            compiling = BlockWarmUp(profile.model, placement.device, DTYPES[placement.precision], profile.data.seq_len,
-                                    pass_sizes(profile.optim.seqs_per_step, placement.seqs_per_pass, world),
-                                    pass_sizes(profile.optim.micro_batch_size, placement.seqs_per_pass))  # evaluation
-            compiling.start()
         phase("building the model")
         # the same weights on every rank (one seed); the streamed engine allocates them in its
         # page-locked arena and initialises them there
         model = build_gpt(profile.model, rt.loss_chunk_tokens, materialize=placement.engine != "streamed")
+        if placement.compile_blocks:  # compiles in a thread of its own while the engine places the weights
+            world = ctx.world if ctx is not None else 1
+            per_pass = placement.seqs_per_pass
+            compiling = BlockWarmUp(profile.model, placement.device, DTYPES[placement.precision], profile.data.seq_len,
+                                    pass_sizes(profile.optim.seqs_per_step, per_pass, world),
+                                    pass_sizes(profile.logging.eval_batches * profile.optim.micro_batch_size, per_pass,
+                                               world))  # the evaluator cuts all its sequences into passes
+            # dynamo restores the global RNG states it saw when a compilation began, from the
+            # compiling thread: put back what they are now (nothing here draws from them meanwhile)
+            rng = ckpt.capture_rng_state()
+            compiling.start()
         phase("placing the weights" + (" in pinned CPU RAM" if placement.engine == "streamed" else ""))
         if rt.optimizer_on_disk and placement.engine != "streamed":
             raise ConfigError("runtime.optimizer_on_disk needs the streamed engine, but this machine runs the profile "
@@ -281,6 +286,8 @@ def setup_run(profile: Profile, *, resume: str | None, sinks: list | None, on_sa
         if compiling is not None and compiling.is_alive():
             phase("compiling the blocks (torch.compile; later runs reuse its cache)")
         warning = engine.warm_up(profile.data.seq_len, compiling)
+        if compiling is not None:
+            ckpt.restore_rng_state(rng)
         if warning is not None:
             notices.append(warning)
             out.event("warning", warning)
@@ -292,6 +299,8 @@ def setup_run(profile: Profile, *, resume: str | None, sinks: list | None, on_sa
             notices.append(f"resumed from {loaded.path} at step {state.step}")
             out.event("info", notices[-1])
     except BaseException as e:
+        if compiling is not None:  # a compiling thread left running aborts the interpreter at exit
+            compiling.join()
         if engine is not None:
             engine.close()
         out.close()
