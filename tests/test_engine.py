@@ -481,3 +481,28 @@ def test_blocks_run_eager_when_compiling_fails(monkeypatch: pytest.MonkeyPatch) 
     finally:
         stm.close()
         torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_chunks_kept_on_the_device_compute_with_each_steps_updated_weights(device: str) -> None:
+    """``runtime.stream_pin``: a kept chunk is never loaded, so the loader's wait for its update
+    does not apply; the compute thread must wait itself, or the next step's forward runs on the old
+    (or half-refreshed) weights. Every step's loss must be the resident model's. (A vocabulary
+    large enough that updating the embedding takes longer than starting the next forward.)"""
+    cfg = ModelConfig(n_layer=3, n_head=2, n_embd=64, block_size=16, vocab_size=8192)
+    optim = OptimConfig(lr=1e-2, grad_clip=1.0, micro_batch_size=2, grad_accum_steps=3)
+    torch.manual_seed(int(torch.randint(0, 10_000, ()).item()))
+    base = GPT(cfg)
+    res = ResidentEngine(copy.deepcopy(base), device=device, precision="fp32", optim_cfg=optim, micro_batch_size=2,
+                         gradient_checkpointing=False)
+    stm = StreamedEngine(base, device=device, precision="fp32", optim_cfg=optim, seqs_per_pass=2, window=2, pin=2)
+    try:
+        assert sum(st.gpu_pinned for st in stm.om._state) == 2
+        gen = torch.Generator().manual_seed(int(torch.randint(0, 10_000, ()).item()))
+        batches = [torch.randint(0, cfg.vocab_size, (2, 6, 16), generator=gen) for _ in range(4)]
+        # the streamed steps back to back: each forward starts while the last update still runs
+        streamed = [stm.train_step(x, y, 1e-2).loss_sum for x, y in batches]
+        resident = [res.train_step(x, y, 1e-2).loss_sum for x, y in batches]
+        assert streamed == pytest.approx(resident, rel=1e-5)
+    finally:
+        stm.close()

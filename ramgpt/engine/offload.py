@@ -277,8 +277,17 @@ def offload_model_class():
                 for (o, leaf, kind, _), t in zip(where, saved):
                     getattr(o, kind)[leaf] = t
 
+        def _gate_kept(self, layer):
+            """A chunk kept on the GPU (``runtime.stream_pin``) is never loaded, so the loader's
+            gate never holds it back: the compute thread itself waits until its update (and the
+            refresh of its device copy) is done, or it would compute with the old weights, or
+            with weights being overwritten."""
+            if self.load_gate is not None and self._state[layer].gpu_pinned:
+                self.load_gate(layer)
+
         def _acquire(self, layer):
             if self.acquire_observer is None:
+                self._gate_kept(layer)
                 out = super()._acquire(layer)
                 self._held = layer
                 return out
@@ -288,6 +297,7 @@ def offload_model_class():
             t0 = time.perf_counter()
             try:
                 with self.gpu_wait(during, phase) if self.gpu_wait is not None else nullcontext():
+                    self._gate_kept(layer)
                     out = super()._acquire(layer)
                     self._held = layer
                     return out
