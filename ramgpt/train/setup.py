@@ -270,14 +270,15 @@ def setup_run(profile: Profile, *, resume: str | None, sinks: list | None, on_sa
         if placement.compile_blocks:  # compiles in a thread of its own while the engine places the weights
             world = ctx.world if ctx is not None else 1
             per_pass = placement.seqs_per_pass
-            compiling = BlockWarmUp(profile.model, placement.device, DTYPES[placement.precision], profile.data.seq_len,
-                                    pass_sizes(profile.optim.seqs_per_step, per_pass, world),
-                                    pass_sizes(profile.logging.eval_batches * profile.optim.micro_batch_size, per_pass,
-                                               world))  # the evaluator cuts all its sequences into passes
+            warm = BlockWarmUp(profile.model, placement.device, DTYPES[placement.precision], profile.data.seq_len,
+                               pass_sizes(profile.optim.seqs_per_step, per_pass, world),
+                               pass_sizes(profile.logging.eval_batches * profile.optim.micro_batch_size, per_pass,
+                                          world))  # the evaluator cuts all its sequences into passes
             # dynamo restores the global RNG states it saw when a compilation began, from the
             # compiling thread: put back what they are now (nothing here draws from them meanwhile)
             rng = ckpt.capture_rng_state()
-            compiling.start()
+            warm.start()
+            compiling = warm  # only a started thread is joined on an error
         phase("placing the weights" + (" in pinned CPU RAM" if placement.engine == "streamed" else ""))
         if rt.optimizer_on_disk and placement.engine != "streamed":
             raise ConfigError("runtime.optimizer_on_disk needs the streamed engine, but this machine runs the profile "
