@@ -162,9 +162,14 @@ def _steps(screen: str) -> list[int]:
 
 
 def _shows_step(min_step: int):
+    """A whole frame showing step >= ``min_step`` (a capture can land while the panel is being
+    redrawn, its bottom rows not yet written: poll again rather than judge half a frame)."""
+
     def pred(screen: str) -> bool:
         steps = _steps(screen)
-        return bool(steps) and steps[-1] >= min_step and LOSS_RE.search(screen) is not None
+        lines = screen.splitlines()
+        whole = sum(line.startswith(TOP_BORDER) for line in lines) == 1 and sum(line.startswith("╰") for line in lines) == 1
+        return bool(steps) and steps[-1] >= min_step and LOSS_RE.search(screen) is not None and whole
 
     return pred
 
