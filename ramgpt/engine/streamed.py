@@ -54,9 +54,18 @@ class EventTimes:
         self._pending: list[tuple[str, Any, Any]] = []
         self._lock = threading.Lock()
 
-    def _pair(self, key: str, a, b) -> None:
-        with self._lock:
-            self._pending.append((key, a, b))
+    @contextmanager
+    def events(self, key: str, stream):
+        """Time the work queued on ``stream`` inside the block: an event before, one after."""
+        a = torch.cuda.Event(enable_timing=True)
+        a.record(stream)
+        try:
+            yield
+        finally:
+            b = torch.cuda.Event(enable_timing=True)
+            b.record(stream)
+            with self._lock:
+                self._pending.append((key, a, b))
 
     def harvest(self) -> None:
         with self._lock:
@@ -92,16 +101,12 @@ class TransferClock(EventTimes):
                     self.bytes += nbytes
                     self.by_key["copy"] += time.perf_counter() - t
             return
-        a = torch.cuda.Event(enable_timing=True)
-        a.record(stream)
         try:
-            yield
+            with self.events("copy", stream):
+                yield
         finally:
-            b = torch.cuda.Event(enable_timing=True)
-            b.record(stream)
             with self._lock:
                 self.bytes += nbytes
-            self._pair("copy", a, b)
 
 
 class GpuIdleClock(EventTimes):
@@ -122,15 +127,8 @@ class GpuIdleClock(EventTimes):
 
     @contextmanager
     def span(self, kind: str):
-        stream = torch.cuda.current_stream(self.device)
-        a = torch.cuda.Event(enable_timing=True)
-        a.record(stream)
-        try:
+        with self.events(kind, torch.cuda.current_stream(self.device)):
             yield
-        finally:
-            b = torch.cuda.Event(enable_timing=True)
-            b.record(stream)
-            self._pair(kind, a, b)
 
 
 def _set_param(module: nn.Module, dotted: str, value: torch.Tensor) -> None:
