@@ -104,7 +104,6 @@ def offload_model_class():
         _slots: list[torch.Tensor] | None = None
         _slot_owner: list[int | None]
         _slot_free: list[Any]
-        _slot_of: dict[int, int]
         _held: int | None = None  # the chunk the compute thread holds (between _acquire and _release)
         _cast_stream: Any = None
         _pieces: list[torch.Tensor] | None = None
@@ -153,7 +152,6 @@ def offload_model_class():
                 self._slots = [torch.empty(size, dtype=dtype, device=self.device) for _ in range(self.window)]
                 self._slot_owner = [None] * self.window
                 self._slot_free = [None] * self.window
-                self._slot_of = {}
             with self._cv:
                 busy = set(self._resident) | {self._held}
             free = [s for s, o in enumerate(self._slot_owner) if o is None or o not in busy or o == idx]
@@ -164,7 +162,6 @@ def offload_model_class():
                 if o == idx:
                     self._slot_owner[t] = None
             self._slot_owner[s] = idx
-            self._slot_of[idx] = s
             if self._slot_free[s] is not None:
                 torch.cuda.current_stream(self.device).wait_event(self._slot_free[s])
             return self._slots[s][:nelem]
@@ -308,10 +305,10 @@ def offload_model_class():
             """Before the chunk may leave the window: where its tensors live in a load slot, an
             event on the compute stream marks the end of its use (the slot's next load waits for it)."""
             layer, self._held = self._held, None
-            if self._cuda and layer is not None and self._slots is not None and layer in self._slot_of:
+            if self._cuda and layer is not None and self._slots is not None and layer in self._slot_owner:
                 ev = torch.cuda.Event()
                 ev.record(torch.cuda.current_stream(self.device))
-                self._slot_free[self._slot_of[layer]] = ev
+                self._slot_free[self._slot_owner.index(layer)] = ev
             super()._release()
 
     return _GradTapOffloadModel
