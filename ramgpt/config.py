@@ -226,6 +226,15 @@ class RuntimeConfig(_Section):
         "and casting them on the GPU. Halves the weights' link traffic: faster only where the link, not the GPU, "
         "limits a pass (an H200 with a 5 GiB budget: docs/benchmarks.md); one process only.",
     )
+    split_masters: bool | Literal["auto"] = Field(
+        "auto",
+        description="Streamed engine with bf16: keep fp32 master weights as two 16-bit halves in the same 4 bytes, "
+        "their bf16 rounding (to nearest, ties away from zero), which the GPU loads as it is, and the remaining bits: "
+        "half the link traffic of those weights, no cast, no more RAM, the same fp32 update. auto: the weights whose "
+        "update the GPU does (runtime.optimizer_gpu_share; the GPU joins and splits them); true: all of them (the CPU "
+        "joins and splits its share around each piece of its update: slower on the H200 machine, docs/benchmarks.md); "
+        "false: none. One process, not with host_bf16_copies.",
+    )
     compile_blocks: bool | Literal["auto"] = Field(
         "auto",
         description="Streamed engine: compile the transformer blocks with torch.compile (fused kernels, fewer "

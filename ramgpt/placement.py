@@ -32,6 +32,7 @@ class Placement:
     vram_budget_b: int | None  # the allocator cap in bytes (None: no cap)
     grad_accum: str  # "host" | "device" (streamed engine; "host" elsewhere)
     compile_blocks: bool = False  # torch.compile the transformer blocks (streamed engine)
+    split_masters: str = "none"  # chunks whose fp32 masters are two 16-bit planes: "none", "gpu" or "all" (streamed)
 
     @property
     def cuda(self) -> bool:
@@ -94,6 +95,43 @@ def resolve_compile_blocks(value: bool | str, engine: str, device: str, dropout:
     return device.startswith("cuda") and dropout == 0 and importlib.util.find_spec("triton") is not None
 
 
+def gpu_update_chunks(sizes: list[int], share: float) -> list[int]:
+    """The chunks the GPU updates, given each chunk's parameter count: walking them in forward order
+    (the order the next forward needs them), each goes to the side that would finish it first, the
+    GPU updating ``share`` of the parameters per second and the CPU the rest. Fixed for a model, so
+    a run's arithmetic does not depend on timing."""
+    if share <= 0:
+        return []
+    if share >= 1:
+        return list(range(len(sizes)))
+    t_cpu = t_gpu = 0.0
+    out = []
+    for i, n in enumerate(sizes):
+        if t_gpu + n / share <= t_cpu + n / (1 - share):
+            out.append(i)
+            t_gpu += n / share
+        else:
+            t_cpu += n / (1 - share)
+    return out
+
+
+def resolve_split_masters(value: bool | str, engine: str, precision: str, host_copies: bool) -> str:
+    """``runtime.split_masters`` -> which chunks the streamed engine splits: ``"gpu"`` (auto: those
+    whose update the GPU does, which joins and splits them itself), ``"all"`` (true) or ``"none"``.
+    Only with bf16 compute and no host bf16 copies (the engine also keeps them whole with several
+    processes); ``true`` where that cannot hold is a configuration error."""
+    if engine != "streamed" or value is False:
+        return "none"
+    possible = precision == "bf16" and not host_copies
+    if value is True and not possible:
+        why = "runtime.host_bf16_copies is true" if host_copies else f"the compute precision is {precision}"
+        raise ConfigError(f"runtime.split_masters is true but {why}: the GPU would not load the bf16 halves; set "
+                          "runtime.split_masters: auto (or false)")
+    if not possible:
+        return "none"
+    return "all" if value is True else "gpu"
+
+
 def vram_budget_bytes(budget_gib: float | None, device: str, machine: Machine) -> int | None:
     """The cap the engine applies: the profile's budget, at most the card (None: no budget or no GPU)."""
     gpu = machine.gpu(device)
@@ -136,4 +174,5 @@ def decide(
         spp = seqs_per_pass or profile.optim.micro_batch_size
         grad_accum = "host"
     compiled = resolve_compile_blocks(rt.compile_blocks, kind, device, profile.model.dropout)
-    return Placement(device, precision, kind, int(spp), budget, grad_accum, compiled)
+    split = resolve_split_masters(rt.split_masters, kind, precision, rt.host_bf16_copies)
+    return Placement(device, precision, kind, int(spp), budget, grad_accum, compiled, split)

@@ -10,6 +10,7 @@ import torch
 import torch._dynamo
 import torch._dynamo.testing
 
+from ramgpt.checkpoint.tensorfile import materialize
 from ramgpt.config import ModelConfig, OptimConfig
 from ramgpt.engine import ResidentEngine, StreamedEngine
 from ramgpt.engine.chunked_adamw import ChunkedAdamW
@@ -89,31 +90,63 @@ def test_streamed_matches_resident_over_steps(tie: bool, grad_accum: str, device
         stm.close()
 
 
+def _masters(engine) -> dict[str, torch.Tensor]:
+    """The engine's fp32 master values as plain tensors (split masters joined), as a checkpoint has them."""
+    return {k: materialize(v).detach().clone() for k, v in engine.state_dict().items()}
+
+
 @pytest.mark.parametrize("device", ["cpu", CUDA])
-@pytest.mark.parametrize("copies", [False, True])
-def test_streamed_bf16_computes_with_the_current_masters(device: str, copies: bool,
+@pytest.mark.parametrize("mode", ["cast", "copies", "split-all", "split-gpu"])
+def test_streamed_bf16_computes_with_the_current_masters(device: str, mode: str,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    """The shipped path: the fp32 masters are cast to bf16 as each chunk loads (here through pieces
-    smaller than the tensors); with ``host_bf16_copies`` bf16 copies refreshed after each update
-    load instead. Every step's loss and gradients must be those of the *current* masters cast to
-    bf16 and run whole under autocast: stale or mis-cast weights would differ."""
-    from ramgpt.engine import offload
+    """The fp32 masters are cast to bf16 as each chunk loads (here through pieces smaller than the
+    tensors); with ``host_bf16_copies`` bf16 copies refreshed after each update load instead; with
+    ``split_masters`` the masters' bf16 halves, of every chunk or (the shipped path) of the chunks
+    the GPU updates, the others cast. Every step's loss and gradients must be those of the
+    *current* masters cast to bf16 and run whole under autocast: stale or mis-cast weights would
+    differ."""
+    from ramgpt.engine import offload, planes
+
+    if mode == "split-gpu" and device == "cpu":
+        pytest.skip("the GPU's share of the update needs a GPU")
 
     monkeypatch.setattr(offload, "PIECE", 700)
+    monkeypatch.setattr(planes, "PIECE", 1000)  # the CPU update's pieces cut the tensors and batch small ones
+    monkeypatch.setattr(ChunkedAdamW, "PIECE", 1000)  # and the GPU's share
     cfg = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64, tie_embeddings=True)
     optim = OptimConfig(lr=1e-2, grad_clip=1.0, micro_batch_size=2, grad_accum_steps=2)
     torch.manual_seed(int(torch.randint(0, 10_000, ()).item()))
     stm = StreamedEngine(GPT(cfg), device=device, precision="bf16", optim_cfg=optim, seqs_per_pass=2, window=2,
-                         host_bf16_copies=copies)
+                         host_bf16_copies=mode == "copies", split_masters=mode.removeprefix("split-") if "-" in mode else "none",
+                         grad_accum="device" if device == "cuda" else "host", optimizer_gpu_share=0.5)
     gen = torch.Generator().manual_seed(int(torch.randint(0, 10_000, ()).item()))
     # each chunk loads as one run of back-to-back tensors (the head from the masters: its LayerNorm,
     # and the tied embedding; from the copies, where it has its own copy of the embedding: one)
-    assert [len(p) for p in stm.om.load_plans] == ([1, 1, 1, 1] if copies else [1, 1, 1, 2])
+    assert (stm.planes is not None) == mode.startswith("split")
+    assert bool(stm.adamw.gpu_chunks) == (device == "cuda")
+    split = set(range(4)) if mode == "split-all" else set(stm.adamw.gpu_chunks) if mode == "split-gpu" else set()
+    # the head loads its LayerNorm and the tied embedding: one run each, or tensor by tensor where
+    # one of them is split and the other is not
+    head = None if mode == "split-gpu" and (3 in split) != (0 in split) else 2
+    assert [None if p is None else len(p) for p in stm.om.load_plans] == (
+        [1, 1, 1, 1] if mode == "copies" else [1, 1, 1, head])
+    if mode.startswith("split"):  # the GPU loads the bf16 halves in place: no copy is kept
+        assert split and stm.copies is None
+        assert (stm.om.cast_dtype is None) == (mode == "split-all")  # the chunks not split are cast as they load
+        for i, (st, masters) in enumerate(zip(stm.om._state, stm._master_of)):
+            for k, t in st.tensors.items():
+                owner = 0 if k.endswith("lm_head.weight") else i
+                if owner in split:
+                    assert t.dtype == torch.bfloat16 and t.data_ptr() == stm.planes.hi(masters[k]).data_ptr(), k
+                else:
+                    assert t.dtype == torch.float32 and t.data_ptr() == masters[k].data_ptr(), k
     try:
         losses = []
         for step in range(3):
             stm.wait_optimizer()
-            ref = copy.deepcopy(stm.model).to(device=device, dtype=torch.bfloat16)
+            ref = GPT(cfg)
+            ref.load_state_dict(_masters(stm))
+            ref = ref.to(device=device, dtype=torch.bfloat16)
             names = [n for n, _ in ref.named_parameters()]
             x = torch.randint(0, cfg.vocab_size, (4, 16), generator=gen)
             y = torch.randint(0, cfg.vocab_size, (4, 16), generator=gen)
@@ -506,3 +539,97 @@ def test_chunks_kept_on_the_device_compute_with_each_steps_updated_weights(devic
         assert streamed == pytest.approx(resident, rel=1e-5)
     finally:
         stm.close()
+
+
+@pytest.mark.parametrize(("device", "which"), [("cpu", "all"), pytest.param("cuda", "all", marks=CUDA.marks),
+                                               pytest.param("cuda", "gpu", marks=CUDA.marks)])
+def test_split_masters_update_the_same_fp32_weights(device: str, which: str, monkeypatch: pytest.MonkeyPatch,
+                                                    tmp_path) -> None:
+    """``split_masters`` keeps the fp32 masters as two 16-bit planes; AdamW joins them, updates and
+    splits again. The same gradients must give bit-identical fp32 masters and moments to the
+    engine that keeps whole fp32 masters, step after step (on a GPU, its share of the update too),
+    and a checkpoint of it must hold those values (written piece by piece from the planes)."""
+    from ramgpt.checkpoint import store
+    from ramgpt.engine import planes
+
+    monkeypatch.setattr(planes, "PIECE", 1000)
+    monkeypatch.setattr(ChunkedAdamW, "PIECE", 1000)
+    cfg = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64, tie_embeddings=True)
+    optim = OptimConfig(lr=1e-2, grad_clip=0.5, micro_batch_size=2, grad_accum_steps=2)
+    torch.manual_seed(int(torch.randint(0, 10_000, ()).item()))
+    base = GPT(cfg)
+    kw = dict(device=device, precision="bf16", optim_cfg=optim, seqs_per_pass=2, window=2, optimizer_gpu_share=0.5,
+              grad_accum="device" if device == "cuda" else "host")
+    whole = StreamedEngine(copy.deepcopy(base), **kw)
+    split = StreamedEngine(copy.deepcopy(base), split_masters=which, **kw)
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 10_000, ()).item()))
+    try:
+        assert split.planes is not None and whole.planes is None
+        assert _masters(split).keys() == _masters(whole).keys()
+        for k, v in _masters(whole).items():
+            assert torch.equal(_masters(split)[k].view(torch.int32), v.view(torch.int32)), k
+        for _ in range(3):
+            x = torch.randint(0, cfg.vocab_size, (4, 16), generator=gen)
+            whole.forward_backward(x, x, last_pass=True)
+            whole._before_optimizer()
+            for p, q in zip(whole.params, split.params):  # the same gradients in both
+                q.grad = p.grad.detach().clone() if q.grad is None else q.grad.copy_(p.grad)
+            split.grads.touched = set(map(id, split.params))
+            whole._norm_from_path = split._norm_from_path = False  # both take the norm of these gradients
+            r1 = whole.optimizer_step(3e-3, n_tokens=64)
+            r2 = split.optimizer_step(3e-3, n_tokens=64)
+            assert r1.grad_norm == r2.grad_norm
+            whole.wait_optimizer()
+            split.wait_optimizer()
+            a, b = _masters(whole), _masters(split)
+            for k in a:
+                assert torch.equal(a[k].view(torch.int32), b[k].view(torch.int32)), k
+            for p, q in zip(whole.params, split.params):
+                for k in ("exp_avg", "exp_avg_sq"):
+                    assert torch.equal(whole.optimizer.state[p][k], split.optimizer.state[q][k]), k
+        path = store.save_checkpoint(tmp_path, 3, split.state_dict(), split.optimizer_state(), {})
+        loaded = store.load_checkpoint(path)
+        want = _masters(whole)
+        assert set(loaded.model_state) == set(want)
+        assert loaded.meta["tied"], "the tied embedding is written once"
+        for k, v in loaded.model_state.items():
+            assert torch.equal(v, want[k]), k
+        # and back: a resume writes the values into the planes
+        fresh = StreamedEngine(copy.deepcopy(base), split_masters=which, **kw)
+        try:
+            fresh.load_state(loaded.model_state, loaded.optimizer_state, None)
+            for k, v in _masters(fresh).items():
+                assert torch.equal(v, want[k]), k
+        finally:
+            fresh.close()
+    finally:
+        whole.close()
+        split.close()
+
+
+def test_planes_split_and_join_exactly() -> None:
+    """Every fp32 value (zeros, subnormals, infinities, exact ties) comes back bit for bit, and the
+    bf16 half is a round-to-nearest of it: the one tie rule that keeps the pair exact, away from zero."""
+    from ramgpt.engine import planes
+
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 10_000, ()).item()))
+    bits = torch.randint(-2**31, 2**31 - 1, (200_000,), generator=gen, dtype=torch.int64).to(torch.int32)
+    x = bits.view(torch.float32)
+    x = torch.where(x.isnan(), torch.zeros_like(x), x)
+    ties = torch.tensor([1.00390625, 1.01171875, -1.00390625])  # exactly halfway between two bf16 values
+    x = torch.cat([x, ties, torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 1e-45, -1e-45])])
+    n = x.numel()
+    hi, lo = torch.empty(n, dtype=torch.int16), torch.empty(n, dtype=torch.int16)
+    planes.split(x, hi, lo, torch.empty(n, dtype=torch.int32))
+    back = torch.empty(n)
+    planes.join(hi, lo, back)
+    assert torch.equal(back.view(torch.int32), x.view(torch.int32))
+    h = hi.view(torch.bfloat16).float()
+    rne = x.to(torch.bfloat16).float()
+    finite = x.isfinite() & h.isfinite()
+    assert torch.all((h - x).abs()[finite] <= (rne - x).abs()[finite])  # as near as torch's own rounding
+    differ = h != rne
+    assert int(differ.sum()) <= n * 2 / 65536 + 8  # only at ties
+    assert torch.all(h[differ].abs() > rne[differ].abs())  # and there away from zero
+    assert h[-9:-6].tolist() == [1.0078125, 1.015625, -1.0078125]
+    assert planes.works("cpu")

@@ -50,6 +50,7 @@ from ramgpt.checkpoint.layout import (
 from ramgpt.checkpoint.tensorfile import (
     decode_state,
     flatten_optimizer_state,
+    is_source,
     lazy_safetensors,
     read_safetensors,
     tensor_nbytes,
@@ -125,10 +126,12 @@ def _tied_aliases(model_state: dict[str, torch.Tensor]) -> tuple[list[tuple[str,
     unique: list[tuple[str, torch.Tensor]] = []
     tied: dict[str, str] = {}
     for name, t in model_state.items():
-        if not isinstance(name, str) or not isinstance(t, torch.Tensor):
+        if not isinstance(name, str) or not (isinstance(t, torch.Tensor) or is_source(t)):
             raise CheckpointError(f"cannot save model state: entry {name!r} is not a named tensor")
         ident = None
-        if t.numel() > 0:
+        if is_source(t):  # one source object per value: the same object twice is a tied weight
+            ident = ("source", id(t))
+        elif t.numel() > 0:
             ident = (
                 t.device,
                 t.untyped_storage().data_ptr(),

@@ -88,14 +88,10 @@ def write_safetensors(path: Path, tensors: list[tuple[str, torch.Tensor]],
                 f.write(piece)
                 size += len(piece)
             for _name, t in tensors:
-                # one tensor at a time on the CPU: a CUDA state never needs a full host copy
-                flat = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-                view = memoryview(flat.numpy())
-                for start in range(0, len(view), _CHUNK):
-                    chunk = view[start : start + _CHUNK]
+                for chunk in _byte_pieces(t):
                     h.update(chunk)  # hashed by the hasher's thread while this one writes
                     f.write(chunk)
-                size += len(view)
+                    size += len(chunk)
                 h.wait()  # every byte of t is hashed: the caller may now change (or release) it
                 if after_tensor is not None:
                     after_tensor(t)
@@ -104,6 +100,27 @@ def write_safetensors(path: Path, tensors: list[tuple[str, torch.Tensor]],
     finally:
         digest = h.close()
     return FileRecord(size, digest)
+
+
+def is_source(t: Any) -> bool:
+    """A tensor source: not a tensor, but a value written piece by piece (``byte_pieces``), with a
+    tensor's ``shape``, ``dtype``, ``numel()``, ``element_size()``, ``data_ptr()`` and ``load()``
+    (the streamed engine's split masters, :class:`ramgpt.engine.planes.JoinedTensor`)."""
+    return not isinstance(t, torch.Tensor) and hasattr(t, "byte_pieces")
+
+
+_SOURCE_PIECE = 16 * 1024 * 1024  # bytes a tensor source joins at a time (a few are in flight to the hasher)
+
+
+def _byte_pieces(t: Any):
+    if is_source(t):
+        yield from t.byte_pieces(_SOURCE_PIECE)
+        return
+    # one tensor at a time on the CPU: a CUDA state never needs a full host copy
+    flat = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+    view = memoryview(flat.numpy())
+    for start in range(0, len(view), _CHUNK):
+        yield view[start : start + _CHUNK]
 
 
 class _Hasher:
@@ -175,7 +192,7 @@ class LazyTensor:
 
 
 def materialize(t: torch.Tensor | LazyTensor) -> torch.Tensor:
-    return t.load() if isinstance(t, LazyTensor) else t
+    return t.load() if isinstance(t, LazyTensor) or is_source(t) else t
 
 
 def lazy_safetensors(path: Path, what: str) -> dict[str, LazyTensor]:

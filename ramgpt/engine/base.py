@@ -226,13 +226,17 @@ class Engine:
                 src = materialize(model_state[name])
                 if src.shape != target.shape:
                     raise ValueError(f"{name} has shape {tuple(src.shape)} in the checkpoint, {tuple(target.shape)} here")
-                target.copy_(src)
+                self._set_master(target, src)
                 del src
         if optimizer_state is not None:
             self._load_optimizer_in_place(optimizer_state)
         if scaler_state:
             self.scaler.load_state_dict(scaler_state)
         self._after_optimizer()
+
+    def _set_master(self, target: torch.Tensor, value: torch.Tensor) -> None:
+        """Write a checkpoint's value into a master (engines that keep masters in another form override)."""
+        target.copy_(value)
 
     def _state_for(self, p: nn.Parameter) -> dict[str, torch.Tensor]:
         """The AdamW state of ``p``, created as torch's fused AdamW would (zeros) when absent."""

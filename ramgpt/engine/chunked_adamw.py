@@ -35,6 +35,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn as nn
 
+from ramgpt.engine import planes as pl
 from ramgpt.engine.hostmem import FileArena, HostArena
 
 
@@ -55,16 +56,22 @@ def new_adamw_state(p: nn.Parameter, moments: FileArena | HostArena | None = Non
 
 class ChunkedAdamW:
     PIECE = 4 * 2**20  # elements per GPU piece (16 MiB per tensor, 4 tensors, 2 streams: 128 MiB of VRAM)
+    ORDERED = True  # the GPU's share queues behind the compute stream's work (docs/design.md, item 4)
 
     def __init__(self, optimizer: torch.optim.AdamW, chunks: Sequence[Sequence[nn.Parameter]],
                  moments: FileArena | None = None, update: Sequence[int] | None = None,
-                 gpu_chunks: Sequence[int] = (), device: str | None = None, gpu_moments: HostArena | None = None):
+                 gpu_chunks: Sequence[int] = (), device: str | None = None, gpu_moments: HostArena | None = None,
+                 planes: pl.MasterPlanes | None = None):
         """``chunks[i]``: the parameters chunk ``i`` owns (each parameter in exactly one chunk).
         ``moments``: keep the AdamW moments in this memory-mapped file (the low-RAM mode): each
         chunk's are paged in ahead of its update and handed back to the OS right after.
         ``gpu_chunks``: the chunks the GPU ``device`` updates; their parameters' moments go to
-        ``gpu_moments`` (page-locked; the masters and gradients must be page-locked too)."""
+        ``gpu_moments`` (page-locked; the masters and gradients must be page-locked too).
+        ``planes``: the masters are split into 16-bit planes (:mod:`.planes`): each piece is joined
+        into fp32 scratch, updated by the same kernel, and split back (the same fp32 arithmetic)."""
         self.opt = optimizer
+        self.planes = planes
+        self._cpu_scratch: tuple[torch.Tensor, torch.Tensor] | None = None
         self.moments = moments
         # the chunks this process updates (several GPUs: the ones it owns; else all)
         self.update = set(range(len(chunks))) if update is None else set(update)
@@ -165,36 +172,57 @@ class ChunkedAdamW:
                 "fi": torch.zeros((), dtype=torch.float32, device=dev),
             }
         g_ = self._gpu
+        planes = self.planes
         if "bufs" not in g_:  # for this update only: the compute stream gets the memory back after it
             g_["bufs"] = [torch.empty(4, self.PIECE, dtype=torch.float32, device=dev) for _ in range(2)]
+            if planes is not None:  # the two planes of a piece of masters
+                g_["bufs16"] = [torch.empty(2, self.PIECE, dtype=torch.int16, device=dev) for _ in range(2)]
+            for s in g_["streams"]:  # the memory may have been freed by work the compute stream still has queued
+                s.wait_stream(torch.cuda.current_stream(dev))
         streams, bufs = g_["streams"], g_["bufs"]
-        cur = torch.cuda.current_stream(dev)
-        g_["gs"].fill_(grad_scale)
+        # ORDERED: the small writes go on the compute stream (the update fills its gaps); else on the
+        # first update stream, and nothing orders the update behind the forward (an A/B knob)
+        cur = torch.cuda.current_stream(dev) if self.ORDERED else streams[0]
+        with torch.cuda.stream(cur):
+            g_["gs"].fill_(grad_scale)
         for s in streams:
             s.wait_stream(cur)  # the scale is written
         k = 0
         for g, ps, states in self._groups(i, lr):
             beta1, beta2 = g["betas"]
             for p, st in zip(ps, states):
-                step_d = torch.full((), float(st["step"]), dtype=torch.float32, device=dev)
-                host = [p.data.view(-1), p.grad.view(-1), st["exp_avg"].view(-1), st["exp_avg_sq"].view(-1)]
+                with torch.cuda.stream(cur):
+                    step_d = torch.full((), float(st["step"]), dtype=torch.float32, device=dev)
+                split = planes is not None and p in planes
+                master = None if split else p.data.view(-1)
+                host = [master, p.grad.view(-1), st["exp_avg"].view(-1), st["exp_avg_sq"].view(-1)]
                 for s in streams:
                     s.wait_stream(cur)  # step_d is written
-                n = host[0].numel()
+                n = p.numel()
                 for a in range(0, n, self.PIECE):
                     b = min(a + self.PIECE, n)
                     stream, buf = streams[k % 2], bufs[k % 2]
+                    halves = g_["bufs16"][k % 2] if split else None
                     k += 1
                     with torch.cuda.stream(stream):
                         d = [buf[j, : b - a] for j in range(4)]
-                        for j in range(4):
+                        if split:  # the two planes in, joined into the fp32 master there
+                            hi, lo = halves[0, : b - a], halves[1, : b - a]
+                            hi.copy_(planes.hi(p)[a:b], non_blocking=True)
+                            lo.copy_(planes.lo(p)[a:b], non_blocking=True)
+                            pl.join(hi, lo, d[0])
+                        for j in range(0 if master is not None else 1, 4):
                             d[j].copy_(host[j][a:b], non_blocking=True)
                         torch._fused_adamw_(
                             [d[0]], [d[1]], [d[2]], [d[3]], [], [step_d], amsgrad=False, lr=lr, beta1=beta1,
                             beta2=beta2, weight_decay=g["weight_decay"], eps=g["eps"], maximize=False,
                             grad_scale=g_["gs"], found_inf=g_["fi"],
                         )
-                        for j in (0, 2, 3):
+                        if split:  # the gradient's buffer is free now: the split's scratch
+                            pl.split(d[0], hi, lo, d[1].view(torch.int32))
+                            planes.hi(p)[a:b].copy_(hi, non_blocking=True)
+                            planes.lo(p)[a:b].copy_(lo, non_blocking=True)
+                        for j in ((2, 3) if split else (0, 2, 3)):
                             host[j][a:b].copy_(d[j], non_blocking=True)
                 step_d.record_stream(streams[0])
                 step_d.record_stream(streams[1])
@@ -207,6 +235,9 @@ class ChunkedAdamW:
         self._prefetch(i + 1)  # the OS reads the next chunk's moments while this one updates
         for g, ps, states in self._groups(i, lr):
             beta1, beta2 = g["betas"]
+            if self.planes is not None and ps[0] in self.planes:  # a chunk's masters are split together
+                self._step_split(g, ps, states, lr, grad_scale, found_inf)
+                continue
             torch._fused_adamw_(
                 ps, [p.grad for p in ps], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [],
                 [s["step"] for s in states], amsgrad=False, lr=lr, beta1=beta1, beta2=beta2,
@@ -214,6 +245,48 @@ class ChunkedAdamW:
                 found_inf=found_inf,
             )
         self.release(self.chunks[i])
+
+    def _step_split(self, g: dict, ps: list[nn.Parameter], states: list[dict], lr: float,
+                    grad_scale: torch.Tensor, found_inf: torch.Tensor) -> None:
+        """Fused AdamW over split masters on the CPU: pieces of at most ``planes.PIECE`` elements
+        (cut at multiples of it within a tensor, several small tensors to a call) are joined into
+        fp32 scratch, updated there by the one kernel, and split back; the scratch stays in cache."""
+        planes = self.planes
+        if self._cpu_scratch is None:
+            self._cpu_scratch = (torch.empty(pl.PIECE, dtype=torch.float32), torch.empty(pl.PIECE, dtype=torch.int32))
+        buf, tmp = self._cpu_scratch
+        beta1, beta2 = g["betas"]
+        batch: list[tuple[nn.Parameter, int, int, dict]] = []
+
+        def flush() -> None:
+            views, off = [], 0
+            for p, a, b, _ in batch:
+                views.append(buf[off : off + b - a])
+                off += b - a
+                pl.join(planes.hi(p)[a:b], planes.lo(p)[a:b], views[-1])
+            torch._fused_adamw_(
+                views, [p.grad.view(-1)[a:b] for p, a, b, _ in batch],
+                [st["exp_avg"].view(-1)[a:b] for _, a, b, st in batch],
+                [st["exp_avg_sq"].view(-1)[a:b] for _, a, b, st in batch], [], [st["step"] for *_, st in batch],
+                amsgrad=False, lr=lr, beta1=beta1, beta2=beta2, weight_decay=g["weight_decay"], eps=g["eps"],
+                maximize=False, grad_scale=grad_scale, found_inf=found_inf,
+            )
+            for (p, a, b, _), v in zip(batch, views):
+                pl.split(v, planes.hi(p)[a:b], planes.lo(p)[a:b], tmp[: b - a])
+            batch.clear()
+
+        used = 0
+        for p, st in zip(ps, states):
+            n = p.numel()
+            for a in range(0, n, pl.PIECE):
+                b = min(a + pl.PIECE, n)
+                if used + b - a > pl.PIECE:
+                    flush()
+                    used = 0
+                batch.append((p, a, b, st))
+                used += b - a
+        if batch:
+            flush()
 
     # -- the background job ----------------------------------------------------------------------
     def start(self, lr: float, grad_scale: float, after_chunk: Callable[[int], None],

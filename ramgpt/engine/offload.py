@@ -82,13 +82,14 @@ def offload_model_class():
 
         With ``cast_dtype`` set, the chunks' floating tensors (the fp32 masters) are cast to it on
         the device as they are loaded, so no low-precision copy of the weights is kept on the host.
-        With ``load_src`` (the 1-D host buffer the masters are views of) and ``load_plans`` (per
-        chunk, :func:`load_plan`), a chunk's tensors that lie back to back load as one run: one
-        copy and one cast per 64 MiB piece instead of four operations per tensor.
+        With ``load_srcs`` (per chunk, the 1-D host buffer its tensors are views of: the fp32 masters,
+        or their bf16 halves) and ``load_plans`` (per chunk, :func:`load_plan`), a chunk's tensors
+        that lie back to back load as one run: one copy (and one cast) per piece instead of four
+        operations per tensor; a run already in the slots' dtype is copied as it is.
         """
 
         cast_dtype: torch.dtype | None = None
-        load_src: torch.Tensor | None = None
+        load_srcs: list[torch.Tensor] | None = None
         load_plans: list[list[Run] | None] | None = None
         _scratch: torch.Tensor | None = None
         gpu_wait: Callable[[bool], AbstractContextManager] | None = None
@@ -197,7 +198,8 @@ def offload_model_class():
             h2d.wait_stream(self._cast_stream)
 
         def _load_runs(self, idx: int, runs: list[Run]) -> dict[str, torch.Tensor]:
-            dtype = self.cast_dtype or self.load_src.dtype
+            flat = self.load_srcs[idx]
+            dtype = self.cast_dtype or flat.dtype
             total = sum(_padded(end - start) for start, end, _ in runs)
             if self.use_load_slots:
                 slot = self._slot_for(idx, total, dtype)
@@ -207,7 +209,7 @@ def offload_model_class():
             for start, end, members in runs:
                 buf = slot[off : off + end - start]
                 off += _padded(end - start)
-                src = self.load_src[start:end]
+                src = flat[start:end]
                 if self._cuda and buf.dtype != src.dtype:
                     self._cast_run(buf, src)
                 else:

@@ -25,6 +25,7 @@ import copy
 import math
 import threading
 import time
+import warnings
 from collections import defaultdict
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -41,8 +42,10 @@ from ramgpt.engine.gradpath import DeviceGradPath, HostGradPath
 from ramgpt.engine.hostmem import ALIGN, PAGE, FileArena, HostArena, aligned
 from ramgpt.engine.nodeshare import NodeShare
 from ramgpt.engine.offload import load_plan, offload_model_class
+from ramgpt.engine.planes import JoinedTensor, MasterPlanes
+from ramgpt.engine.planes import works as planes_work
 from ramgpt.model import GPT, Block
-from ramgpt.placement import resolve_grad_accum
+from ramgpt.placement import gpu_update_chunks, resolve_grad_accum
 
 
 class EventTimes:
@@ -140,19 +143,21 @@ def _set_param(module: nn.Module, dotted: str, value: torch.Tensor) -> None:
 
 
 def _streamed_modules(masters: list[nn.Module], copies: HostArena | None = None,
-                      dtype: torch.dtype | None = None) -> list[nn.Module]:
+                      dtype: torch.dtype | None = None, planes: MasterPlanes | None = None) -> list[nn.Module]:
     """The modules ramtorch streams: each chunk's structure, with parameters that share the fp32
     masters' storage but are not them (ramtorch's own leaves; no deep copy of the weights: the
     masters map to meta placeholders while the modules are copied). With ``copies``: parameters
     that are ``dtype`` copies of the masters in that arena instead, chunk by chunk (the tied
-    embedding twice)."""
+    embedding twice). With ``planes``: the masters' bf16 ``hi`` planes."""
     mods = []
     for c in masters:
         memo = {id(p): nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"), requires_grad=False)
                 for p in c.parameters()}
         m = copy.deepcopy(c, memo)
         for name, p in c.named_parameters():
-            if copies is None:
+            if planes is not None and p in planes:
+                _set_param(m, name, planes.compute_view(p))
+            elif copies is None:
                 _set_param(m, name, p.detach())
             else:
                 view = copies.take(p.shape, dtype)
@@ -162,33 +167,13 @@ def _streamed_modules(masters: list[nn.Module], copies: HostArena | None = None,
     return mods
 
 
-def gpu_update_chunks(sizes: list[int], share: float) -> list[int]:
-    """The chunks the GPU updates, given each chunk's parameter count: walking them in forward order
-    (the order the next forward needs them), each goes to the side that would finish it first, the
-    GPU updating ``share`` of the parameters per second and the CPU the rest. Fixed for a model, so
-    a run's arithmetic does not depend on timing."""
-    if share <= 0:
-        return []
-    if share >= 1:
-        return list(range(len(sizes)))
-    t_cpu = t_gpu = 0.0
-    out = []
-    for i, n in enumerate(sizes):
-        if t_gpu + n / share <= t_cpu + n / (1 - share):
-            out.append(i)
-            t_gpu += n / share
-        else:
-            t_cpu += n / (1 - share)
-    return out
-
-
 class StreamedEngine(Engine):
     name = "streamed"
 
     def __init__(self, model: GPT, *, device: str, precision: str, optim_cfg, seqs_per_pass: int,
                  window: int = 3, pin: int = 0, vram_budget_b: int | None = None, grad_accum: str = "host",
                  moments_file: Path | None = None, comm: Comm | None = None, optimizer_gpu_share: float = 0.0,
-                 host_bf16_copies: bool = False, compile_blocks: bool = False):
+                 host_bf16_copies: bool = False, compile_blocks: bool = False, split_masters: str = "none"):
         """``moments_file``: the low-RAM mode (``runtime.optimizer_on_disk``): AdamW's moments live in
         this memory-mapped file (removed on close) instead of RAM. ``comm``: one of several ranks
         (:mod:`ramgpt.dist`): the state is shared by the node's ranks and each chunk updated by its owner.
@@ -196,7 +181,10 @@ class StreamedEngine(Engine):
         CUDA with ``grad_accum=device``, moments in RAM; otherwise the CPU updates everything).
         ``host_bf16_copies``: keep page-locked bf16 copies of the chunks for the GPU to load (one
         process; the default loads the fp32 masters and casts them on the GPU). ``compile_blocks``:
-        the blocks run through one compiled graph (:mod:`.compiled`), compiled by :meth:`warm_up`."""
+        the blocks run through one compiled graph (:mod:`.compiled`), compiled by :meth:`warm_up`.
+        ``split_masters``: which chunks keep each fp32 master as its bf16 rounding, which the GPU
+        loads, and the remaining 16 bits (:mod:`.planes`): "none", "gpu" (those the GPU updates) or
+        "all" (one process, bf16 compute, not with ``host_bf16_copies``)."""
         if device.startswith("cuda") and torch.device(device).index is None:
             # worker threads must name the device: the current one is per thread
             device = f"cuda:{torch.cuda.current_device()}"
@@ -256,7 +244,30 @@ class StreamedEngine(Engine):
             item = self.compute_dtype.itemsize
             self.copies = HostArena(sum(aligned(p.numel() * item) for c in self.masters for p in c.parameters()),
                                     device, "the bf16 weight copies")
-        modules = _streamed_modules(self.masters, self.copies, self.compute_dtype)
+        # runtime.split_masters: the fp32 masters of some chunks become two 16-bit planes in the same
+        # bytes of the arena; the GPU loads their bf16 plane (half the link traffic, no cast). "gpu":
+        # the chunks the GPU updates (it joins and splits the planes itself, at no CPU cost); "all":
+        # every chunk (the CPU joins and splits its share around each piece of its update)
+        if split_masters not in ("none", "gpu", "all"):
+            raise ValueError(f"split_masters must be 'none', 'gpu' or 'all', got {split_masters!r}")
+        self.planes: MasterPlanes | None = None
+        self._sources: dict[int, JoinedTensor] = {}
+        counts = [sum(p.numel() for p in ps) for ps in self._owned]
+        gpu_planned = (optimizer_gpu_share > 0 and self.cuda and comm is None and moments_file is None
+                       and self.arena.registered and self.grad_accum == "device")
+        split = {"none": [], "all": list(range(len(counts))),
+                 "gpu": gpu_update_chunks(counts, optimizer_gpu_share) if gpu_planned else []}[split_masters]
+        if split and self.copies is None and comm is None and self.compute_dtype == torch.bfloat16:
+            if planes_work("cpu") and (not self.cuda or planes_work(device)):
+                self.planes = MasterPlanes()
+                for i in split:
+                    if self._owned[i]:
+                        self.planes.convert_chunk(self._owned[i], self.arena.buf)
+                self._sources = {id(p): self.planes.source(p) for p in self.params if p in self.planes}
+            else:
+                warnings.warn("this torch build cannot split fp32 weights into 16-bit halves exactly; the GPU loads "
+                              "the fp32 masters instead (runtime.split_masters)", RuntimeWarning, stacklevel=2)
+        modules = _streamed_modules(self.masters, self.copies, self.compute_dtype, self.planes)
         self._head_copy = modules[-1]
         self.compile_blocks = compile_blocks
         if compile_blocks:
@@ -269,7 +280,9 @@ class StreamedEngine(Engine):
         self.d2h = TransferClock(self.cuda)
         self.idle = GpuIdleClock(device) if self.cuda else None
         self.om = offload_model_class()(modules, device=device, window=window, pin=pin, keep_activations=keep)
-        self.om.cast_dtype = self.compute_dtype if self.compute_dtype != torch.float32 and self.copies is None else None
+        # the host holds every chunk in the compute dtype already: nothing to cast
+        low = self.copies is not None or (self.planes is not None and split_masters == "all")
+        self.om.cast_dtype = self.compute_dtype if self.compute_dtype != torch.float32 and not low else None
         self.om.grad_sink = self._on_grads
         self.om.load_observer = self._observe_load
         self.om.load_gate = self._wait_for_update
@@ -281,11 +294,23 @@ class StreamedEngine(Engine):
         # a chunk's tensors lie back to back in the arena the GPU loads from: each loads as one run
         # (where ramtorch re-pinned them elsewhere, load_plan finds no run and they load one by one)
         src = self.copies if self.copies is not None else self.arena
-        item = self.compute_dtype.itemsize if self.copies is not None else 4
-        self.om.load_src = src.buf.view(self.compute_dtype if self.copies is not None else torch.float32)
-        gap = (PAGE if self.share is not None else ALIGN) // item  # the arena's alignment, in elements
-        self.om.load_plans = [None if st.gpu_pinned else load_plan(st.tensors, self.om.load_src, gap)
-                              for st in self.om._state]
+        align = PAGE if self.share is not None else ALIGN  # the arena's alignment, in bytes
+        flats = [src.buf.view(self.compute_dtype)] if self.compute_dtype != torch.float32 else []
+        if not low:
+            flats.append(src.buf.view(torch.float32))
+        # each chunk from the view of the arena its tensors are (fp32 masters or bf16 planes); a chunk
+        # with both (the head's LayerNorm beside a split embedding) loads tensor by tensor
+        self.om.load_srcs, self.om.load_plans = [], []
+        for st in self.om._state:
+            plan, flat = None, flats[-1]
+            if not st.gpu_pinned:
+                for f in flats:
+                    plan = load_plan(st.tensors, f, align // f.element_size())
+                    if plan is not None:
+                        flat = f
+                        break
+            self.om.load_srcs.append(flat)
+            self.om.load_plans.append(plan)
 
         owner_of = {id(p): self._owner[i] for i, ps in enumerate(self._owned) for p in ps}
         if comm is not None:
@@ -310,12 +335,11 @@ class StreamedEngine(Engine):
             per = [aligned(p.numel() * 4, PAGE) * 2 for p in self.params]
             self.moments = FileArena(moments_file, sum(per))
         gpu_chunks: list[int] = []
-        if (optimizer_gpu_share > 0 and self.cuda and comm is None and self.moments is None and self.arena.registered
-                and isinstance(self.grads, DeviceGradPath) and self.grads.on_gpu):
-            gpu_chunks = gpu_update_chunks([sum(p.numel() for p in ps) for ps in self._owned], optimizer_gpu_share)
+        if gpu_planned and isinstance(self.grads, DeviceGradPath) and self.grads.on_gpu:
+            gpu_chunks = gpu_update_chunks(counts, optimizer_gpu_share)
         self.adamw = ChunkedAdamW(self.optimizer, self._owned, self.moments,
                                   update=[i for i, m in enumerate(self._mine) if m], gpu_chunks=gpu_chunks,
-                                  device=device if gpu_chunks else None)
+                                  device=device if gpu_chunks else None, planes=self.planes)
         if gpu_chunks:
             # their moments live page-locked; locking 3.5 GB takes seconds, which the first pass hides
             nbytes = sum(2 * aligned(p.numel() * 4) for i in gpu_chunks for p in self._owned[i])
@@ -402,10 +426,15 @@ class StreamedEngine(Engine):
                 m = self._master_of[idx].get(k)
                 if m is None:
                     continue
+                home = self._load_view(m)
                 if st.gpu_pinned:
                     t.data = t.data.to(self.compute_dtype)
-                elif t.data_ptr() != m.data_ptr():
-                    t.data = m.detach()
+                elif t.data_ptr() != home.data_ptr():
+                    t.data = home.detach()
+
+    def _load_view(self, p: nn.Parameter) -> torch.Tensor:
+        """What the GPU loads of master ``p``: its bf16 plane (``split_masters``) or the master itself."""
+        return self.planes.compute_view(p) if self.planes is not None and p in self.planes else p
 
     @torch.no_grad()
     def _refresh_copies(self, idx: int) -> None:
@@ -415,7 +444,7 @@ class StreamedEngine(Engine):
         if self.copies is not None or st.gpu_pinned:
             for k, t in st.tensors.items():
                 if k in self._master_of[idx]:
-                    t.data.copy_(self._master_of[idx][k])
+                    t.data.copy_(self._load_view(self._master_of[idx][k]))
 
     def _gpu_wait(self, during_update: bool, phase: str):
         return self.idle.span("update" if during_update else f"load_{phase}")
@@ -543,7 +572,7 @@ class StreamedEngine(Engine):
         and moments."""
         if self._update_gate is None:
             return
-        tensors = list(self._owned[idx])
+        tensors = [self._sources.get(id(p), p) for p in self._owned[idx]]
         for p in self._owned[idx]:
             tensors.extend(v for v in self.optimizer.state.get(p, {}).values() if isinstance(v, torch.Tensor))
         self._update_gate(tensors)
@@ -567,8 +596,19 @@ class StreamedEngine(Engine):
 
     # -- state -------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """With ``split_masters`` the masters come as :class:`~.planes.JoinedTensor` (joined piece by
+        piece when written or loaded; one object per parameter, so a tied weight is saved once)."""
         self.wait_optimizer()
-        return super().state_dict()
+        if self.planes is None:
+            return super().state_dict()
+        return {k: self._sources[id(v)] if id(v) in self._sources else v.detach().to("cpu")
+                for k, v in self.model.state_dict(keep_vars=True).items()}
+
+    def _set_master(self, target: torch.Tensor, value: torch.Tensor) -> None:
+        if self.planes is not None and target in self.planes:
+            self.planes.write(target, value)
+        else:
+            super()._set_master(target, value)
 
     def optimizer_state(self) -> dict[str, Any]:
         self.wait_optimizer()
