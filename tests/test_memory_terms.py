@@ -152,14 +152,45 @@ def test_pcie_streamed_1b():
 def test_pcie_streamed_1b_device_accumulation():
     """grad_accum=device (auto's choice on CUDA): the fp32 sums go out every pass and come back
     in for every pass after the first."""
-    host = M.pcie_per_step(load_profile("rtx3050-6gb", ["runtime.grad_accum=host"], use_env=False), 16, "streamed")
-    p = load_profile("rtx3050-6gb", use_env=False)
+    whole = ["runtime.split_masters=false"]  # the weights' bytes the same in both (split_masters follows the GPU share)
+    host = M.pcie_per_step(load_profile("rtx3050-6gb", ["runtime.grad_accum=host", *whole], use_env=False), 16,
+                           "streamed")
+    p = load_profile("rtx3050-6gb", whole, use_env=False)
     assert p.runtime.grad_accum == "auto" and resolve_grad_accum(p.runtime.grad_accum, "cuda") == "device"
     pc = M.pcie_per_step(p, 16, "streamed")
     fp32 = sum(c.params for c in M.chunk_sizes(p.model)) * 4
     assert pc.d2h_bytes == 12 * fp32
     wte = p.model.vocab_size * p.model.n_embd * 4  # the tied embedding's second contribution, first pass
     assert p.model.tie_embeddings and pc.h2d_bytes == host.h2d_bytes + 11 * fp32 + wte
+
+
+def test_split_masters_halve_the_loads_of_the_split_chunks():
+    """runtime.split_masters: the chunks split (auto: those the GPU updates; true: all) load 2 bytes
+    per parameter instead of 4; the tied head's embedding goes with the embed chunk."""
+    from ramgpt.placement import gpu_update_chunks
+
+    def pcie(*sets):
+        prof = load_profile("rtx3050-6gb", list(sets), use_env=False)
+        return prof, M.pcie_per_step(prof, 16, "streamed")
+
+    p, whole = pcie("runtime.split_masters=false")
+    _, auto = pcie()
+    _, every = pcie("runtime.split_masters=true")
+    _, no_share = pcie("runtime.optimizer_gpu_share=0")
+    chunks = M.chunk_sizes(p.model)
+    owned = [c.params for c in chunks]
+    owned[-1] -= p.model.vocab_size * p.model.n_embd
+    split = MT.split_chunks(load_profile("rtx3050-6gb", use_env=False))
+    assert split == set(gpu_update_chunks(owned, 0.4)) and 0 < len(split) < len(chunks)
+    assert MT.split_chunks(load_profile("rtx3050-6gb", ["runtime.host_bf16_copies=true"], use_env=False)) == set()
+    assert 2 * every.weight_h2d_bytes == whole.weight_h2d_bytes  # every load in bf16
+    assert every.weight_h2d_bytes < auto.weight_h2d_bytes < whole.weight_h2d_bytes
+    assert no_share.weight_h2d_bytes == whole.weight_h2d_bytes  # nothing the GPU updates: nothing split
+    # each pass loads every chunk forward and backward (the window keeps a few at the turn): the
+    # saving is 2 bytes per split parameter per load
+    saved = whole.weight_h2d_bytes - auto.weight_h2d_bytes
+    per_load = sum(2 * chunks[i].params for i in split if i != len(chunks) - 1)
+    assert 0.8 * 24 * per_load < saved <= 24 * (per_load + 2 * chunks[-1].params)
 
 
 def test_disk_by_hand():

@@ -483,8 +483,16 @@ def estimate(
                 else (" (chosen: largest that fits)" if max_spp else " (none fits; shown for 1)")
             )
         )
+        from ramgpt.memory.terms import chunk_sizes, split_chunks
+
+        split = split_chunks(profile, gpus)
+        how = ("loaded by the GPU and cast to bf16 there" if not split else
+               "each loaded as its bf16 half (runtime.split_masters: every chunk)" if len(split) == len(
+                   chunk_sizes(profile.model)) else
+               f"{len(split)} chunks (those the GPU updates) loaded as their bf16 halves "
+               "(runtime.split_masters), the rest cast to bf16 on the GPU")
         assumptions_text.append(
-            f"fp32 masters page-locked in one arena, loaded by the GPU and cast to bf16 there (exact; "
+            f"fp32 masters page-locked in one arena, {how} (exact; "
             f"+{a.pinned_overhead:.0%} driver overhead); the host-path "
             "gradient staging slots round up to powers of two"
         )

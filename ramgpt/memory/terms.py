@@ -492,6 +492,42 @@ def _host_copies(profile: Profile) -> bool:
     return profile.runtime.host_bf16_copies and _precision_bytes(profile, "cuda") < 4
 
 
+def split_chunks(profile: Profile, gpus: int = 1) -> set[int]:
+    """The chunks whose fp32 masters the streamed engine keeps as two 16-bit halves, the GPU loading
+    the bf16 one (``runtime.split_masters``: bf16 compute -- ``auto`` counted as bf16 --, one process,
+    no host copies; auto: the chunks the GPU updates, true: all)."""
+    from ramgpt.memory.timing import gpu_update_share
+    from ramgpt.placement import gpu_update_chunks
+
+    rt = profile.runtime
+    if gpus != 1 or rt.split_masters is False or rt.precision not in ("auto", "bf16") or _host_copies(profile):
+        return set()
+    chunks = chunk_sizes(profile.model)
+    if rt.split_masters is True:
+        return set(range(len(chunks)))
+    owned = [c.params for c in chunks]
+    if profile.model.tie_embeddings:  # the head's copy of the embedding is the embed chunk's to update
+        owned[-1] -= profile.model.vocab_size * profile.model.n_embd
+    return set(gpu_update_chunks(owned, gpu_update_share(profile, "cuda")))
+
+
+def _load_bytes(profile: Profile) -> list[int]:
+    """Bytes each chunk's load brings over the link: the compute dtype where the host holds it
+    (host copies, split masters; the head's tied embedding is split with the embed chunk), else the
+    fp32 masters (cast on the GPU)."""
+    pb = _precision_bytes(profile, "cuda")
+    chunks = chunk_sizes(profile.model)
+    if pb == 4 or _host_copies(profile):
+        return [c.params * pb for c in chunks]
+    split = split_chunks(profile)
+    out = [c.params * (pb if i in split else 4) for i, c in enumerate(chunks)]
+    if profile.model.tie_embeddings:
+        wte = profile.model.vocab_size * profile.model.n_embd
+        head = len(chunks) - 1
+        out[-1] = (chunks[-1].params - wte) * (pb if head in split else 4) + wte * (pb if 0 in split else 4)
+    return out
+
+
 def _evenly_pinned(n: int, k: int) -> set[int]:
     # same choice as ramtorch.offload_simulator.evenly_pinned
     k = min(k, n)
@@ -529,7 +565,7 @@ def streamed_gpu(profile: Profile, seqs_per_pass: int, *, a: Assumptions = DEFAU
         pb_ = sum(sizes[i] for i in pinned)
         pins.append(Term(f"pinned chunks ({len(pinned)}) + their GPU grad accumulators", 2 * pb_))
     ids = Term("token ids + targets", 2 * T * 8)
-    if d.weight < 4 and not _host_copies(profile):  # the fp32 masters arrive through fp32 scratch and are cast
+    if d.weight < 4 and _load_bytes(profile) != [c.params * 2 for c in chunks]:  # fp32 masters arrive through fp32 scratch and are cast
         big = max(max(c.tensors) for c in chunks)
         pins.append(Term("fp32 scratch of the loads being cast (3 pieces)", 3 * 4 * min(big, 8 * 2**20), fixed=True))
     bnd = T * C * d.resid
@@ -665,8 +701,9 @@ def pcie_per_step(
     pb = _precision_bytes(profile, "cuda")
     chunks = chunk_sizes(cfg)
     sizes = [c.params * pb for c in chunks]  # the gradients leave in the compute dtype
-    # the fp32 masters arrive (cast to bf16 on the GPU), or runtime.host_bf16_copies' copies
-    loads = [c.params * (pb if _host_copies(profile) else 4) for c in chunks]
+    # the fp32 masters arrive (cast to bf16 on the GPU), or their bf16 halves (runtime.split_masters),
+    # or runtime.host_bf16_copies' copies
+    loads = _load_bytes(profile)
     pinned = _evenly_pinned(len(chunks), profile.runtime.stream_pin)
     streamed = [i for i in range(len(chunks)) if i not in pinned]
     passes = math.ceil(per_step / max(1, seqs_per_pass))
@@ -741,12 +778,16 @@ def _cpu_terms(profile: Profile, engine: str, device: str, seqs: int, a: Assumpt
         out.append(Term("Python + torch + CUDA libraries baseline" + (f" (x {gpus} processes)" if gpus > 1 else ""),
                         a.cuda_baseline_bytes * gpus))
         shared = " (once per node, shared by its processes)" if gpus > 1 else ""
-        # the GPU loads the masters themselves (cast to bf16 there): they are page-locked in place
-        out.append(Term("fp32 master weights, page-locked" + shared, int(4 * N * (1 + a.pinned_overhead)),
+        # the GPU loads the masters themselves (cast to bf16 there) or their bf16 halves: they are
+        # page-locked in place
+        chunks = chunk_sizes(cfg)
+        split = split_chunks(profile, gpus)
+        part = min(1.0, sum(c.params for i, c in enumerate(chunks) if i in split) / N)
+        halves = f" ({part:.0%} as two 16-bit halves: runtime.split_masters)" if split else ""
+        out.append(Term("fp32 master weights, page-locked" + halves + shared, int(4 * N * (1 + a.pinned_overhead)),
                         f"{4 * N / GiB:.2f} GiB of tensors in one page-locked arena"))
         out.append(Term("fp32 gradient accumulators" + (" (each process keeps its own chunks')" if gpus > 1 else ""),
                         4 * N))
-        chunks = chunk_sizes(cfg)
         if profile.runtime.optimizer_on_disk:
             # low-RAM mode: the moments are a memory-mapped file; one chunk's update pages its moments in
             # (and the next chunk's are read ahead) before they are handed back to the OS

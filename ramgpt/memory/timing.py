@@ -30,7 +30,14 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from ramgpt.memory.terms import PcieEstimate, _host_copies, _param_counts, chunk_sizes
+from ramgpt.memory.terms import (
+    PcieEstimate,
+    _host_copies,
+    _load_bytes,
+    _param_counts,
+    chunk_sizes,
+    split_chunks,
+)
 from ramgpt.placement import resolve_grad_accum
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -126,6 +133,10 @@ class SpeedAssumptions:
     bf16_refresh_ratio: float = 0.11 / 0.26
     """``runtime.host_bf16_copies``: refreshing the copies after each chunk's update, per second of
     AdamW (H200 machine: 0.11 s for the 1b against 0.26 s of AdamW)."""
+    split_masters_ratio: float = 1.7
+    """``runtime.split_masters``: joining each piece of the CPU's share into fp32 before its update and
+    splitting it after, per second of AdamW (2-core CPU machine: 1M-element pieces, join + split
+    1.7 times the fused AdamW between them)."""
     host_accum_params_per_thread_s: float = 1.1e9 / 0.69 / 16
     """``runtime.grad_accum=host``: the CPU worker's bf16 -> fp32 add, 0.69 s per pass of the 1b on
     16 cores (H100 machine, round 1)."""
@@ -354,7 +365,11 @@ def project_time(
             # soon as it is updated: only what outlasts that forward (a quarter of a pass's compute:
             # forward, recomputed forward, backward) is exposed
             passes = pcie.passes_per_step if pcie is not None else 1
-            update_s = optimizer_s * (1.0 + a.optimizer_rest_ratio + (a.bf16_refresh_ratio if _host_copies(profile) else 0))
+            # host copies are refreshed after each update; split masters that the CPU updates (split_masters:
+            # true) are joined before and split after it (those the GPU updates cost the CPU nothing)
+            every = profile.runtime.split_masters is True and bool(split_chunks(profile))
+            extra = a.bf16_refresh_ratio if _host_copies(profile) else a.split_masters_ratio if every else 0
+            update_s = optimizer_s * (1.0 + a.optimizer_rest_ratio + extra)
             share = gpu_update_share(profile, device)
             if share and pcie is not None:  # the GPU's share streams 16 bytes per parameter in
                 update_s = max((1 - share) * update_s, share * n * 16 / (pcie.link_gbps * 1e9))
@@ -384,9 +399,11 @@ def project_time(
             if pcie is not None and streamed
             else "resident engine: weights stay on the GPU, only token ids cross the link"
         )
-    if streamed and bound == "transfer" and not _host_copies(profile) and profile.runtime.precision != "fp32":
+    if streamed and bound == "transfer" and _load_bytes(profile) != [c.params * 2 for c in chunk_sizes(profile.model)] \
+            and profile.runtime.precision != "fp32":
         notes.append(f"the link bounds the passes here: runtime.host_bf16_copies=true halves the weights' traffic "
-                     f"for {2 * n / 2**30:.1f} GiB more RAM")
+                     f"for {2 * n / 2**30:.1f} GiB more RAM; runtime.split_masters=true does it with no more RAM, "
+                     "for more CPU work per update")
     if optimizer_s or streamed:
         notes.append(
             (
