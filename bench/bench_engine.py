@@ -321,6 +321,14 @@ def main() -> None:
             return cls
 
         streamed.offload_model_class = without_slots
+    if os.environ.get("SPLIT_PIECE"):  # A/B: elements the CPU joins, updates and splits at a time (split masters)
+        from ramgpt.engine import planes
+
+        planes.PIECE = int(os.environ["SPLIT_PIECE"])
+    if os.environ.get("GPU_UPDATE_ORDERED") == "0":  # A/B: the GPU's share of AdamW not behind the compute stream
+        from ramgpt.engine.chunked_adamw import ChunkedAdamW
+
+        ChunkedAdamW.ORDERED = False
     res = SECTIONS[args.section](args.out)
     res["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     res["torch"] = torch.__version__
