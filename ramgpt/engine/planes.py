@@ -76,6 +76,7 @@ class MasterPlanes:
 
     def __init__(self) -> None:
         self._of: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._scratch = torch.empty(0, dtype=torch.uint8)  # the conversion's, reused chunk to chunk
 
     def __contains__(self, p: torch.Tensor) -> bool:
         return id(p) in self._of
@@ -102,10 +103,19 @@ class MasterPlanes:
             if p.dtype != torch.float32 or not p.is_contiguous() or p.data_ptr() - base != off:
                 raise ValueError("the masters of a chunk must be contiguous fp32 views laid out back to back")
             off += _slot(p.numel())
-        copies = [p.detach().clone().view(-1) for p in params]  # one chunk at a time (at most ~0.3 GB)
+        # the chunk's fp32 bytes move to scratch (one copy; reused, so its pages are touched once
+        # for the whole model) with room behind for the split's int32 temporary
+        size, big = off - start, max(p.numel() for p in params)
+        if self._scratch.numel() < size + 4 * big:
+            self._scratch = torch.empty(size + 4 * big, dtype=torch.uint8)
+        self._scratch[:size].copy_(flat[start:off])
+        tmp = self._scratch[size : size + 4 * big].view(torch.int32)
+        copies, o = [], 0
+        for p in params:
+            copies.append(self._scratch[o : o + 4 * p.numel()].view(torch.float32))
+            o += _slot(p.numel())
         hi_off = start
         lo_off = start + sum(_plane(p.numel()) for p in params)
-        tmp = torch.empty(max(p.numel() for p in params), dtype=torch.int32)
         for p, x in zip(params, copies):
             n = p.numel()
             hi = flat[hi_off : hi_off + 2 * n].view(torch.int16)
@@ -115,7 +125,10 @@ class MasterPlanes:
             split(x, hi, lo, tmp[:n])
             self._of[id(p)] = (hi, lo)
             p.data = placeholder(p.shape)
-        del copies
+
+    def done_converting(self) -> None:
+        """Free the conversion's scratch."""
+        self._scratch = torch.empty(0, dtype=torch.uint8)
 
     # -- reading and writing whole tensors (checkpoints, tests) ---------------------------------
     def read(self, p: torch.Tensor) -> torch.Tensor:

@@ -263,6 +263,7 @@ class StreamedEngine(Engine):
                 for i in split:
                     if self._owned[i]:
                         self.planes.convert_chunk(self._owned[i], self.arena.buf)
+                self.planes.done_converting()
                 self._sources = {id(p): self.planes.source(p) for p in self.params if p in self.planes}
             else:
                 warnings.warn("this torch build cannot split fp32 weights into 16-bit halves exactly; the GPU loads "
