@@ -76,6 +76,25 @@ def test_slow_link_makes_it_transfer_bound():
     assert t2.step_s < t.step_s and not any("host_bf16_copies" in x for x in t2.assumptions)
 
 
+def test_split_masters_the_cpu_updates_cost_it_their_join_and_split():
+    """runtime.split_masters=true: the CPU joins and splits its share of the update (more optimizer
+    time than whole masters); auto splits only what the GPU updates (no CPU cost) and loads fewer bytes."""
+    from dataclasses import replace
+
+    def project(*sets):  # an H200-like link, so the CPU's share, not the GPU's copies, bounds the update
+        p = load_profile("rtx3050-6gb", list(sets), use_env=False)
+        pcie = replace(M.pcie_per_step(p, 16, "streamed"), link_gbps=54.9)
+        return TM.project_time(p, engine="streamed", device="cuda", pcie=pcie, rates=_rates(tflops=400.0, threads=16))
+
+    whole, auto, every = project("runtime.split_masters=false"), project(), project("runtime.split_masters=true")
+    a = TM.DEFAULT_SPEED
+    assert auto.optimizer_s == pytest.approx(whole.optimizer_s)
+    cpu = (1 - 0.4) * N_1B / (a.adamw_params_per_thread_s * 16)
+    assert whole.optimizer_s > 0
+    assert every.optimizer_s - whole.optimizer_s == pytest.approx(cpu * a.split_masters_ratio, rel=0.02)
+    assert every.transfer_s < auto.transfer_s < whole.transfer_s
+
+
 def test_resident_gpu_and_cpu():
     p = load_profile("0p1b", use_env=False)
     gpu = TM.project_time(p, engine="resident", device="cuda", pcie=M.pcie_per_step(p, 8, "resident"), rates=_rates())
@@ -163,7 +182,7 @@ H200_SPEED = probe.Speed(
     probe.AdamwRate(N_1B // 4, 16, N_1B / 0.278, 0.3),
 )
 H200_RUNS = [
-    ("rtx3050-6gb", [], "streamed", 16, 37_304),
+    ("rtx3050-6gb", ["runtime.split_masters=false"], "streamed", 16, 37_304),  # round 4: whole masters
     ("rtx3050-6gb", ["runtime.host_bf16_copies=true"], "streamed", 16, 41_112),
     ("1b", ["runtime.engine=resident", "optim.micro_batch_size=8", "optim.grad_accum_steps=24"], "resident", 8, 43_150),
 ]

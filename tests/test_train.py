@@ -85,9 +85,14 @@ def test_micro_test_writes_a_complete_run(tmp_path: Path) -> None:
     assert (run / "config.yaml").is_file()
 
 
-@pytest.mark.parametrize("engine", ["resident", "streamed"])
+@pytest.mark.parametrize("engine", ["resident", "streamed", "split"])
 def test_interrupted_then_resumed_reproduces_losses(tmp_path: Path, engine: str) -> None:
+    """``split``: the streamed engine in bf16 with every chunk's masters split in two 16-bit halves
+    (runtime.split_masters=true): checkpoints write the joined fp32 masters, a resume splits them."""
     extra = [f"runtime.engine={engine}", "runtime.seqs_per_pass=4"]
+    if engine == "split":
+        extra = ["runtime.engine=streamed", "runtime.seqs_per_pass=4", "runtime.precision=bf16",
+                 "runtime.split_masters=true"]
     full = tmp_path / "full"
     train(_profile(full, *extra))
     broken = tmp_path / "broken"
@@ -550,6 +555,24 @@ def test_a_failed_compile_warns_and_trains_eager(tmp_path: Path, monkeypatch: py
     assert res.steps == 4 and len([r for r in _rows(tmp_path / "r") if "loss" in r]) == 4
     warnings = [n for n in res.notices if "compile" in n]
     assert len(warnings) == 1 and "cannot find a C++ compiler" in warnings[0] and "\n" not in warnings[0]
+
+
+def test_split_masters_follow_the_precision_and_refuse_what_cannot_hold(tmp_path: Path) -> None:
+    from ramgpt.placement import decide
+    from ramgpt.probe import probe_machine
+
+    machine = probe_machine()
+    assert decide(_streamed(tmp_path / "a"), machine).split_masters == "none"  # auto: fp32 on the CPU
+    bf16 = "runtime.precision=bf16"
+    assert decide(_streamed(tmp_path / "b", bf16), machine).split_masters == "gpu"
+    assert decide(_streamed(tmp_path / "c", bf16, "runtime.split_masters=true"), machine).split_masters == "all"
+    assert decide(_streamed(tmp_path / "d", bf16, "runtime.host_bf16_copies=true"), machine).split_masters == "none"
+    assert decide(_profile(tmp_path / "e", bf16, "runtime.split_masters=true"), machine).split_masters == "none"
+    for bad, why in ((["runtime.split_masters=true"], "precision is fp32"),
+                     ([bf16, "runtime.split_masters=true", "runtime.host_bf16_copies=true"], "host_bf16_copies")):
+        with pytest.raises(ConfigError, match=why) as e:
+            train(_streamed(tmp_path / "f", *bad))
+        assert "\n" not in str(e.value)
 
 
 def test_compile_blocks_needs_no_dropout_and_is_off_on_the_cpu_by_default(tmp_path: Path) -> None:
