@@ -96,7 +96,7 @@ def _masters(engine) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])
-@pytest.mark.parametrize("mode", ["cast", "copies", "split-all", "split-gpu"])
+@pytest.mark.parametrize("mode", ["cast", "copies", "split-all", "split-gpu", "split-embed"])
 def test_streamed_bf16_computes_with_the_current_masters(device: str, mode: str,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """The fp32 masters are cast to bf16 as each chunk loads (here through pieces smaller than the
@@ -117,22 +117,24 @@ def test_streamed_bf16_computes_with_the_current_masters(device: str, mode: str,
     optim = OptimConfig(lr=1e-2, grad_clip=1.0, micro_batch_size=2, grad_accum_steps=2)
     torch.manual_seed(int(torch.randint(0, 10_000, ()).item()))
     stm = StreamedEngine(GPT(cfg), device=device, precision="bf16", optim_cfg=optim, seqs_per_pass=2, window=2,
-                         host_bf16_copies=mode == "copies", split_masters=mode.removeprefix("split-") if "-" in mode else "none",
+                         host_bf16_copies=mode == "copies",
+                         split_masters={"split-all": "all", "split-gpu": "gpu", "split-embed": [0]}.get(mode, "none"),
                          grad_accum="device" if device == "cuda" else "host", optimizer_gpu_share=0.5)
     gen = torch.Generator().manual_seed(int(torch.randint(0, 10_000, ()).item()))
     # each chunk loads as one run of back-to-back tensors (the head from the masters: its LayerNorm,
     # and the tied embedding; from the copies, where it has its own copy of the embedding: one)
     assert (stm.planes is not None) == mode.startswith("split")
     assert bool(stm.adamw.gpu_chunks) == (device == "cuda")
-    split = set(range(4)) if mode == "split-all" else set(stm.adamw.gpu_chunks) if mode == "split-gpu" else set()
-    # the head loads its LayerNorm and the tied embedding: one run each, or tensor by tensor where
-    # one of them is split and the other is not
-    head = None if mode == "split-gpu" and (3 in split) != (0 in split) else 2
-    assert [None if p is None else len(p) for p in stm.om.load_plans] == (
-        [1, 1, 1, 1] if mode == "copies" else [1, 1, 1, head])
+    split = {"split-all": set(range(4)), "split-gpu": set(stm.adamw.gpu_chunks), "split-embed": {0}}.get(mode, set())
+    # the head loads its LayerNorm and the tied embedding as one run each, into one slot, also
+    # where one of them is split (a bf16 run) and the other is not (an fp32 run, cast)
+    assert [None if p is None else len(p) for p in stm.om.load_plans] == ([1, 1, 1, 1] if mode == "copies" else [1, 1, 1, 2])
+    if mode == "split-embed":
+        assert [f.dtype for f in stm.om.load_srcs[-1]] == [torch.bfloat16, torch.float32]
     if mode.startswith("split"):  # the GPU loads the bf16 halves in place: no copy is kept
         assert split and stm.copies is None
         assert (stm.om.cast_dtype is None) == (mode == "split-all")  # the chunks not split are cast as they load
+        assert stm.om._slots is None or all(s.dtype == torch.bfloat16 for s in stm.om._slots)
         for i, (st, masters) in enumerate(zip(stm.om._state, stm._master_of)):
             for k, t in st.tensors.items():
                 owner = 0 if k.endswith("lm_head.weight") else i

@@ -181,7 +181,7 @@ def test_split_masters_halve_the_loads_of_the_split_chunks():
     owned = [c.params for c in chunks]
     owned[-1] -= p.model.vocab_size * p.model.n_embd
     split = MT.split_chunks(load_profile("rtx3050-6gb", use_env=False))
-    assert split == set(gpu_update_chunks(owned, 0.4)) and 0 < len(split) < len(chunks)
+    assert split == set(gpu_update_chunks(owned, p.runtime.optimizer_gpu_share)) and 0 < len(split) < len(chunks)
     assert MT.split_chunks(load_profile("rtx3050-6gb", ["runtime.host_bf16_copies=true"], use_env=False)) == set()
     assert 2 * every.weight_h2d_bytes == whole.weight_h2d_bytes  # every load in bf16
     assert every.weight_h2d_bytes < auto.weight_h2d_bytes < whole.weight_h2d_bytes

@@ -86,7 +86,9 @@ def test_split_masters_the_cpu_updates_cost_it_their_join_and_split():
         pcie = replace(M.pcie_per_step(p, 16, "streamed"), link_gbps=54.9)
         return TM.project_time(p, engine="streamed", device="cuda", pcie=pcie, rates=_rates(tflops=400.0, threads=16))
 
-    whole, auto, every = project("runtime.split_masters=false"), project(), project("runtime.split_masters=true")
+    share = "runtime.optimizer_gpu_share=0.4"  # the CPU's share then bounds the update on this link
+    whole, auto = project("runtime.split_masters=false", share), project(share)
+    every = project("runtime.split_masters=true", share)
     a = TM.DEFAULT_SPEED
     assert auto.optimizer_s == pytest.approx(whole.optimizer_s)
     cpu = (1 - 0.4) * N_1B / (a.adamw_params_per_thread_s * 16)

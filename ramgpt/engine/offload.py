@@ -83,13 +83,13 @@ def offload_model_class():
         With ``cast_dtype`` set, the chunks' floating tensors (the fp32 masters) are cast to it on
         the device as they are loaded, so no low-precision copy of the weights is kept on the host.
         With ``load_srcs`` (per chunk, the 1-D host buffer its tensors are views of: the fp32 masters,
-        or their bf16 halves) and ``load_plans`` (per chunk, :func:`load_plan`), a chunk's tensors
+        or their bf16 halves; or one per run, where a chunk has both) and ``load_plans`` (per chunk, :func:`load_plan`), a chunk's tensors
         that lie back to back load as one run: one copy (and one cast) per piece instead of four
         operations per tensor; a run already in the slots' dtype is copied as it is.
         """
 
         cast_dtype: torch.dtype | None = None
-        load_srcs: list[torch.Tensor] | None = None
+        load_srcs: list[torch.Tensor | list[torch.Tensor]] | None = None
         load_plans: list[list[Run] | None] | None = None
         _scratch: torch.Tensor | None = None
         gpu_wait: Callable[[bool], AbstractContextManager] | None = None
@@ -198,15 +198,16 @@ def offload_model_class():
             h2d.wait_stream(self._cast_stream)
 
         def _load_runs(self, idx: int, runs: list[Run]) -> dict[str, torch.Tensor]:
-            flat = self.load_srcs[idx]
-            dtype = self.cast_dtype or flat.dtype
+            srcs = self.load_srcs[idx]  # one buffer for the chunk's runs, or one per run
+            flats = srcs if isinstance(srcs, list) else [srcs] * len(runs)
+            dtype = self.cast_dtype or flats[0].dtype
             total = sum(_padded(end - start) for start, end, _ in runs)
             if self.use_load_slots:
                 slot = self._slot_for(idx, total, dtype)
             else:
                 slot = torch.empty(total, dtype=dtype, device=self.device)
             out, off = {}, 0
-            for start, end, members in runs:
+            for (start, end, members), flat in zip(runs, flats):
                 buf = slot[off : off + end - start]
                 off += _padded(end - start)
                 src = flat[start:end]

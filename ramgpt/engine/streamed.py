@@ -27,6 +27,7 @@ import threading
 import time
 import warnings
 from collections import defaultdict
+from collections.abc import Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -173,7 +174,8 @@ class StreamedEngine(Engine):
     def __init__(self, model: GPT, *, device: str, precision: str, optim_cfg, seqs_per_pass: int,
                  window: int = 3, pin: int = 0, vram_budget_b: int | None = None, grad_accum: str = "host",
                  moments_file: Path | None = None, comm: Comm | None = None, optimizer_gpu_share: float = 0.0,
-                 host_bf16_copies: bool = False, compile_blocks: bool = False, split_masters: str = "none"):
+                 host_bf16_copies: bool = False, compile_blocks: bool = False,
+                 split_masters: str | Sequence[int] = "none"):
         """``moments_file``: the low-RAM mode (``runtime.optimizer_on_disk``): AdamW's moments live in
         this memory-mapped file (removed on close) instead of RAM. ``comm``: one of several ranks
         (:mod:`ramgpt.dist`): the state is shared by the node's ranks and each chunk updated by its owner.
@@ -183,8 +185,8 @@ class StreamedEngine(Engine):
         process; the default loads the fp32 masters and casts them on the GPU). ``compile_blocks``:
         the blocks run through one compiled graph (:mod:`.compiled`), compiled by :meth:`warm_up`.
         ``split_masters``: which chunks keep each fp32 master as its bf16 rounding, which the GPU
-        loads, and the remaining 16 bits (:mod:`.planes`): "none", "gpu" (those the GPU updates) or
-        "all" (one process, bf16 compute, not with ``host_bf16_copies``)."""
+        loads, and the remaining 16 bits (:mod:`.planes`): "none", "gpu" (those the GPU updates),
+        "all", or the chunks' indices (one process, bf16 compute, not with ``host_bf16_copies``)."""
         if device.startswith("cuda") and torch.device(device).index is None:
             # worker threads must name the device: the current one is per thread
             device = f"cuda:{torch.cuda.current_device()}"
@@ -248,15 +250,18 @@ class StreamedEngine(Engine):
         # bytes of the arena; the GPU loads their bf16 plane (half the link traffic, no cast). "gpu":
         # the chunks the GPU updates (it joins and splits the planes itself, at no CPU cost); "all":
         # every chunk (the CPU joins and splits its share around each piece of its update)
-        if split_masters not in ("none", "gpu", "all"):
-            raise ValueError(f"split_masters must be 'none', 'gpu' or 'all', got {split_masters!r}")
+        if isinstance(split_masters, str) and split_masters not in ("none", "gpu", "all"):
+            raise ValueError(f"split_masters must be 'none', 'gpu', 'all' or chunk indices, got {split_masters!r}")
         self.planes: MasterPlanes | None = None
         self._sources: dict[int, JoinedTensor] = {}
         counts = [sum(p.numel() for p in ps) for ps in self._owned]
         gpu_planned = (optimizer_gpu_share > 0 and self.cuda and comm is None and moments_file is None
                        and self.arena.registered and self.grad_accum == "device")
-        split = {"none": [], "all": list(range(len(counts))),
-                 "gpu": gpu_update_chunks(counts, optimizer_gpu_share) if gpu_planned else []}[split_masters]
+        if isinstance(split_masters, str):
+            split = {"none": [], "all": list(range(len(counts))),
+                     "gpu": gpu_update_chunks(counts, optimizer_gpu_share) if gpu_planned else []}[split_masters]
+        else:  # these chunks (tests)
+            split = sorted(set(split_masters))
         if split and self.copies is None and comm is None and self.compute_dtype == torch.bfloat16:
             if planes_work("cpu") and (not self.cuda or planes_work(device)):
                 self.planes = MasterPlanes()
@@ -282,7 +287,7 @@ class StreamedEngine(Engine):
         self.idle = GpuIdleClock(device) if self.cuda else None
         self.om = offload_model_class()(modules, device=device, window=window, pin=pin, keep_activations=keep)
         # the host holds every chunk in the compute dtype already: nothing to cast
-        low = self.copies is not None or (self.planes is not None and split_masters == "all")
+        low = self.copies is not None or (self.planes is not None and len(split) == len(counts))
         self.om.cast_dtype = self.compute_dtype if self.compute_dtype != torch.float32 and not low else None
         self.om.grad_sink = self._on_grads
         self.om.load_observer = self._observe_load
@@ -300,17 +305,23 @@ class StreamedEngine(Engine):
         if not low:
             flats.append(src.buf.view(torch.float32))
         # each chunk from the view of the arena its tensors are (fp32 masters or bf16 planes); a chunk
-        # with both (the head's LayerNorm beside a split embedding) loads tensor by tensor
+        # with both (the head's LayerNorm beside a split embedding) has runs of each, into one slot
         self.om.load_srcs, self.om.load_plans = [], []
         for st in self.om._state:
-            plan, flat = None, flats[-1]
+            plan, srcs = None, flats[-1]
             if not st.gpu_pinned:
+                runs, run_srcs = [], []
                 for f in flats:
-                    plan = load_plan(st.tensors, f, align // f.element_size())
-                    if plan is not None:
-                        flat = f
+                    part = load_plan({k: t for k, t in st.tensors.items() if t.dtype == f.dtype}, f,
+                                     align // f.element_size())
+                    if part is None:
+                        runs = None
                         break
-            self.om.load_srcs.append(flat)
+                    runs += part
+                    run_srcs += [f] * len(part)
+                if runs and sum(len(m) for *_, m in runs) == len(st.tensors):
+                    plan, srcs = runs, (run_srcs[0] if len(set(map(id, run_srcs))) == 1 else run_srcs)
+            self.om.load_srcs.append(srcs)
             self.om.load_plans.append(plan)
 
         owner_of = {id(p): self._owner[i] for i, ps in enumerate(self._owned) for p in ps}
