@@ -2,7 +2,7 @@
 # Round 7 (split masters) in one call:  bash bench/gpu_round7.sh OUTDIR [ab|final]
 # Both: the CUDA engine tests (the split-master ones included) and train()'s compile tests; then
 # ab: the plain resident ceiling harness, then `ramgpt train --profile rtx3050-6gb` 8 steps with
-#   every chunk split (the first version's auto; true now) and runtime.split_masters=false (the fp32
+#   every chunk split (the first version's auto, which ran with no setting; true now) and runtime.split_masters=false (the fp32
 #   masters cast on the GPU), alternating twice, then split with optimizer_gpu_share 0.6;
 # ab2: auto (the chunks the GPU updates split) at share 0.4 twice and 0.7, at 0.7 with the GPU's
 #   update not ordered behind the compute stream (GPU_UPDATE_ORDERED=0), true with 4M-element CPU
@@ -25,10 +25,10 @@ bench() {  # TAG [SETS [VAR=VALUE]]
 }
 if [ "$mode" = ab ]; then  # the first call: every chunk split (split_masters: true then) against none
   for i in 1 2; do
-    bench split$i
+    bench split$i "runtime.split_masters=true"
     bench whole$i "runtime.split_masters=false"
   done
-  bench split_g6 "runtime.optimizer_gpu_share=0.6"
+  bench split_g6 "runtime.split_masters=true runtime.optimizer_gpu_share=0.6"
 elif [ "$mode" = ab2 ]; then  # auto (the chunks the GPU updates split) at shares 0.4 and 0.7 against false;
   # then the GPU's update not ordered behind the compute stream, true with 4M-element CPU pieces
   bench whole1 "runtime.split_masters=false"

@@ -186,6 +186,8 @@ def test_split_masters_halve_the_loads_of_the_split_chunks():
     assert 2 * every.weight_h2d_bytes == whole.weight_h2d_bytes  # every load in bf16
     assert every.weight_h2d_bytes < auto.weight_h2d_bytes < whole.weight_h2d_bytes
     assert no_share.weight_h2d_bytes == whole.weight_h2d_bytes  # nothing the GPU updates: nothing split
+    auto_p = load_profile("rtx3050-6gb", use_env=False)  # several GPUs keep the masters whole
+    assert M.pcie_per_step(auto_p, 16, "streamed", gpus=2).weight_h2d_bytes == whole.weight_h2d_bytes
     # each pass loads every chunk forward and backward (the window keeps a few at the turn): the
     # saving is 2 bytes per split parameter per load
     saved = whole.weight_h2d_bytes - auto.weight_h2d_bytes

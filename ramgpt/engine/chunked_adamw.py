@@ -235,7 +235,9 @@ class ChunkedAdamW:
         self._prefetch(i + 1)  # the OS reads the next chunk's moments while this one updates
         for g, ps, states in self._groups(i, lr):
             beta1, beta2 = g["betas"]
-            if self.planes is not None and ps[0] in self.planes:  # a chunk's masters are split together
+            if self.planes is not None and any(p in self.planes for p in ps):
+                if not all(p in self.planes for p in ps):  # a split master's Parameter has no storage to update
+                    raise RuntimeError(f"chunk {i} mixes split and whole masters in one parameter group")
                 self._step_split(g, ps, states, lr, grad_scale, found_inf)
                 continue
             torch._fused_adamw_(
@@ -325,6 +327,7 @@ class ChunkedAdamW:
             finally:
                 if gpu and self._gpu is not None:
                     self._gpu.pop("bufs", None)  # every piece was synchronized: free to reuse
+                    self._gpu.pop("bufs16", None)
                 ends.append(time.perf_counter())
 
         self._thread = threading.Thread(target=run, args=(on_cpu, False), name="ramgpt-adamw", daemon=True)

@@ -7,7 +7,7 @@ Each fp32 weight ``x`` is stored as
 - ``lo``: the signed int16 with ``bits(x) == (bits(hi) << 16) + lo``.
 
 The pair is exact: :func:`join` gives back every bit of ``x`` (zeros, subnormals, infinities
-included), so AdamW updates the same fp32 numbers as before and a checkpoint holds the same fp32
+included; a NaN comes back a NaN, its payload not kept), so AdamW updates the same fp32 numbers as before and a checkpoint holds the same fp32
 tensors; the host keeps 4 bytes per parameter, as with plain fp32 masters, and no bf16 copy. The
 one numerical difference from casting fp32 to bf16 on the GPU (round half to even) is the tie: a
 weight whose dropped 16 bits are exactly ``0x8000`` (one in 65,536) rounds away from zero. No
@@ -39,6 +39,9 @@ def split(x: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor, tmp: torch.Tensor
     tmp.bitwise_right_shift_(16)
     hi.copy_(tmp)  # narrowing: keeps the low 16 bits
     lo.copy_(bits)  # the low 16 bits, read as signed: bits == (hi << 16) + lo
+    # a NaN's rounding can carry into the sign or exponent and read as 0 or inf: the GPU must see a
+    # NaN (a diverged weight stays visible); only its payload changes
+    hi.masked_fill_(x.isnan(), 0x7FC0)
 
 
 def join(hi: torch.Tensor, lo: torch.Tensor, out: torch.Tensor) -> None:
@@ -57,7 +60,8 @@ def works(device: str) -> bool:
     gen = torch.Generator().manual_seed(0)
     rand = torch.randn(4096, generator=gen) * torch.exp(torch.randn(4096, generator=gen) * 8)
     tie = (torch.randint(-2**15, 2**15, (64,), generator=gen, dtype=torch.int32) << 16 | 0x8000).view(torch.float32)
-    x = torch.cat([special, rand, tie.nan_to_num(0.0)]).to(device)
+    nans = torch.tensor([0x7FFFFFFF, -1, 0x7FFF8000, 0x7F800001, 0x7FC00000], dtype=torch.int32).view(torch.float32)
+    x = torch.cat([special, rand, tie.nan_to_num(0.0), nans]).to(device)
     n = x.numel()
     hi = torch.empty(n, dtype=torch.int16, device=device)
     lo = torch.empty(n, dtype=torch.int16, device=device)
@@ -66,7 +70,9 @@ def works(device: str) -> bool:
     join(hi, lo, back)
     rounded = hi.view(torch.bfloat16).float()
     near = ((rounded - x).abs() <= (x.to(torch.bfloat16).float() - x).abs()) | ~x.isfinite()
-    return bool(torch.equal(back.view(torch.int32), x.view(torch.int32)) and near.all())
+    num = ~x.isnan()
+    return bool(torch.equal(back.view(torch.int32)[num], x.view(torch.int32)[num]) and near.all()
+                and back[~num].isnan().all() and rounded[~num].isnan().all())
 
 
 class MasterPlanes:
@@ -104,12 +110,12 @@ class MasterPlanes:
                 raise ValueError("the masters of a chunk must be contiguous fp32 views laid out back to back")
             off += _slot(p.numel())
         # the chunk's fp32 bytes move to scratch (one copy; reused, so its pages are touched once
-        # for the whole model) with room behind for the split's int32 temporary
-        size, big = off - start, max(p.numel() for p in params)
-        if self._scratch.numel() < size + 4 * big:
-            self._scratch = torch.empty(size + 4 * big, dtype=torch.uint8)
+        # for the whole model) with room behind for the split's int32 temporary, a piece at a time
+        size = off - start
+        if self._scratch.numel() < size + 4 * PIECE:
+            self._scratch = torch.empty(size + 4 * PIECE, dtype=torch.uint8)
         self._scratch[:size].copy_(flat[start:off])
-        tmp = self._scratch[size : size + 4 * big].view(torch.int32)
+        tmp = self._scratch[size : size + 4 * PIECE].view(torch.int32)
         copies, o = [], 0
         for p in params:
             copies.append(self._scratch[o : o + 4 * p.numel()].view(torch.float32))
@@ -122,7 +128,9 @@ class MasterPlanes:
             lo = flat[lo_off : lo_off + 2 * n].view(torch.int16)
             hi_off += _plane(n)
             lo_off += _plane(n)
-            split(x, hi, lo, tmp[:n])
+            for a in range(0, n, PIECE):
+                b = min(a + PIECE, n)
+                split(x[a:b], hi[a:b], lo[a:b], tmp[: b - a])
             self._of[id(p)] = (hi, lo)
             p.data = placeholder(p.shape)
 
@@ -161,8 +169,9 @@ def _slot(n: int) -> int:
 
 def placeholder(shape: torch.Size) -> torch.Tensor:
     """What a master Parameter holds once its value lives in planes: a NaN expanded to its shape
-    (shape, dtype and device for ``.grad`` and the optimizer's state; no storage; a stray read
-    gives NaN, and an in-place write fails)."""
+    (shape, dtype and device for ``.grad`` and the optimizer's state; no storage: a stray read
+    gives NaN and ``copy_`` into it fails, but a kernel handed its raw pointer, as fused AdamW is,
+    would write past its one element: only the planes may ever be updated)."""
     return torch.full((), float("nan"), dtype=torch.float32).expand(shape)
 
 

@@ -423,7 +423,7 @@ def estimate(
             if vram is not None:
                 max_spp = max_seqs_per_pass(profile, vram, a=a)
             spp = pl.seqs_per_pass
-            gpu = streamed_gpu(profile, spp, a=a)
+            gpu = streamed_gpu(profile, spp, a=a, gpus=gpus)
         else:
             gpu = resident_gpu(profile, a=a)
             if vram is not None:
@@ -449,7 +449,7 @@ def estimate(
     ram = plan.ram
     fits_ram = None if ram is None else cpu_bytes <= ram
     disk = disk_per_checkpoint(profile)
-    pcie = pcie_per_step(profile, seqs, mem_engine, a=a)
+    pcie = pcie_per_step(profile, seqs, mem_engine, a=a, gpus=gpus)
 
     params = _param_counts(profile.model)
     pb = _precision_bytes(profile, device)

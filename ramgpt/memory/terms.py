@@ -511,7 +511,7 @@ def split_chunks(profile: Profile, gpus: int = 1) -> set[int]:
     return set(gpu_update_chunks(owned, gpu_update_share(profile, "cuda")))
 
 
-def _load_bytes(profile: Profile) -> list[int]:
+def _load_bytes(profile: Profile, gpus: int = 1) -> list[int]:
     """Bytes each chunk's load brings over the link: the compute dtype where the host holds it
     (host copies, split masters; the head's tied embedding is split with the embed chunk), else the
     fp32 masters (cast on the GPU)."""
@@ -519,7 +519,7 @@ def _load_bytes(profile: Profile) -> list[int]:
     chunks = chunk_sizes(profile.model)
     if pb == 4 or _host_copies(profile):
         return [c.params * pb for c in chunks]
-    split = split_chunks(profile)
+    split = split_chunks(profile, gpus)
     out = [c.params * (pb if i in split else 4) for i, c in enumerate(chunks)]
     if profile.model.tie_embeddings:
         wte = profile.model.vocab_size * profile.model.n_embd
@@ -542,8 +542,9 @@ def _window_bytes(sizes: list[int], streamed: list[int], window: int) -> int:
     return min(window, len(streamed)) * max(sizes[i] for i in streamed)
 
 
-def streamed_gpu(profile: Profile, seqs_per_pass: int, *, a: Assumptions = DEFAULT_ASSUMPTIONS) -> GpuEstimate:
-    """GPU memory of the streamed engine for ``seqs_per_pass`` sequences per weight pass."""
+def streamed_gpu(profile: Profile, seqs_per_pass: int, *, a: Assumptions = DEFAULT_ASSUMPTIONS,
+                 gpus: int = 1) -> GpuEstimate:
+    """GPU memory of the streamed engine for ``seqs_per_pass`` sequences per weight pass (per GPU of ``gpus``)."""
     cfg = profile.model
     rt = profile.runtime
     C, L = cfg.n_embd, cfg.n_layer
@@ -565,7 +566,7 @@ def streamed_gpu(profile: Profile, seqs_per_pass: int, *, a: Assumptions = DEFAU
         pb_ = sum(sizes[i] for i in pinned)
         pins.append(Term(f"pinned chunks ({len(pinned)}) + their GPU grad accumulators", 2 * pb_))
     ids = Term("token ids + targets", 2 * T * 8)
-    if d.weight < 4 and _load_bytes(profile) != [c.params * 2 for c in chunks]:  # fp32 masters arrive through fp32 scratch and are cast
+    if d.weight < 4 and _load_bytes(profile, gpus) != [c.params * 2 for c in chunks]:  # fp32 masters arrive through fp32 scratch and are cast
         big = max(max(c.tensors) for c in chunks)
         pins.append(Term("fp32 scratch of the loads being cast (3 pieces)", 3 * 4 * min(big, 8 * 2**20), fixed=True))
     bnd = T * C * d.resid
@@ -683,9 +684,9 @@ def _belady_loads(sizes: list[int], streamed: list[int], window: int, passes: in
 
 
 def pcie_per_step(
-    profile: Profile, seqs_per_pass: int, engine: str, *, a: Assumptions = DEFAULT_ASSUMPTIONS
+    profile: Profile, seqs_per_pass: int, engine: str, *, a: Assumptions = DEFAULT_ASSUMPTIONS, gpus: int = 1
 ) -> PcieEstimate:
-    """Host<->device bytes of one optimizer step."""
+    """Host<->device bytes of one optimizer step (of each GPU of ``gpus``: several keep the masters whole)."""
     seq = profile.data.seq_len
     per_step = profile.optim.seqs_per_step
     if engine != "streamed":
@@ -703,7 +704,7 @@ def pcie_per_step(
     sizes = [c.params * pb for c in chunks]  # the gradients leave in the compute dtype
     # the fp32 masters arrive (cast to bf16 on the GPU), or their bf16 halves (runtime.split_masters),
     # or runtime.host_bf16_copies' copies
-    loads = _load_bytes(profile)
+    loads = _load_bytes(profile, gpus)
     pinned = _evenly_pinned(len(chunks), profile.runtime.stream_pin)
     streamed = [i for i in range(len(chunks)) if i not in pinned]
     passes = math.ceil(per_step / max(1, seqs_per_pass))
