@@ -172,3 +172,49 @@ def test_sigkill_during_a_background_write_leaves_the_previous_checkpoint(tmp_pa
         return [json.loads(ln)["loss"] for ln in (d / "metrics.jsonl").read_text().splitlines() if ln.strip()]
 
     assert losses(killed) == losses(tmp_path / "full")
+
+
+def test_a_background_save_of_split_masters_writes_them_before_their_update(tmp_path: Path, monkeypatch) -> None:
+    """runtime.split_masters: a background save writes the masters joined from their 16-bit halves,
+    and the next update of a chunk waits until its masters and moments are on disk (the gate keys
+    them by the bf16 half's address). With a slow disk the step's update runs during the save:
+    the checkpoint must hold the weights from before it, every one of them."""
+    from ramgpt.checkpoint.tensorfile import materialize
+    from ramgpt.config import ModelConfig, OptimConfig
+    from ramgpt.engine import StreamedEngine
+    from ramgpt.model import GPT
+
+    cfg = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64)
+    torch.manual_seed(int(torch.randint(0, 10_000, ()).item()))
+    eng = StreamedEngine(GPT(cfg), device="cpu", precision="bf16", optim_cfg=OptimConfig(lr=1e-2), seqs_per_pass=2,
+                         split_masters="all")
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 10_000, ()).item()))
+    try:
+        # before the first update there are no moments: the masters' own gate is all that holds the
+        # update back (the moments, written after the model file, would otherwise gate it too)
+        before = {k: materialize(v).clone() for k, v in eng.state_dict().items()}
+        c, _ = _checkpointer(tmp_path, eng, save_interval_steps=1)
+        assert c.background
+        real = ckpt.store.write_safetensors
+
+        def slow(path, tensors, after_tensor=None):
+            def after(t):
+                time.sleep(0.1)
+                after_tensor(t)
+            return real(path, tensors, after)
+
+        monkeypatch.setattr(ckpt.store, "write_safetensors", slow)
+        assert c.save(TrainState(step=1), _snap(), "interval") is None  # writing in the background
+        x = torch.randint(0, cfg.vocab_size, (4, 16), generator=gen)
+        eng.train_step(x, x, 1e-2)  # its update starts while the save is still writing
+        assert c._writer is not None and c._writer.is_alive(), "the save should still be running"
+        c.finish()
+        eng.wait_optimizer()
+        loaded = ckpt.load_checkpoint(tmp_path)
+        assert set(loaded.model_state) == set(before)
+        for k, v in before.items():
+            assert torch.equal(loaded.model_state[k], v), k
+        after = {k: materialize(v) for k, v in eng.state_dict().items()}
+        assert all(not torch.equal(after[k], before[k]) for k in before)  # every weight moved
+    finally:
+        eng.close()
