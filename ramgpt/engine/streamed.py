@@ -246,6 +246,28 @@ class StreamedEngine(Engine):
             item = self.compute_dtype.itemsize
             self.copies = HostArena(sum(aligned(p.numel() * item) for c in self.masters for p in c.parameters()),
                                     device, "the bf16 weight copies")
+        self.h2d = TransferClock(self.cuda)
+        self.d2h = TransferClock(self.cuda)
+        self.idle = GpuIdleClock(device) if self.cuda else None
+        # the gradient path first: whether the GPU updates a share (and so which chunks "gpu" splits)
+        # depends on it (a refused page-lock falls back to the host path)
+        owner_of = {id(p): self._owner[i] for i, ps in enumerate(self._owned) for p in ps}
+        if comm is not None:
+            if self.cuda and self.grad_accum != "device":
+                raise ValueError("several GPUs sum gradients on the GPU: use runtime.grad_accum=device (or auto)")
+            self.grad_accum = "device"  # on the CPU its path sums over the ranks with gloo
+        if self.grad_accum == "device":
+            mine = [ps for ps, m in zip(self._owned, self._mine) if m]
+            self.grads: DeviceGradPath | HostGradPath = DeviceGradPath(
+                self.params, self._master_of, device, self.d2h, mine, comm=comm, owner_of=owner_of)
+            if self.grads.fallback:  # page-locking refused: the CPU worker is faster than pageable DMA
+                self.grads.close()
+                self.grad_accum = "host"
+        if self.grad_accum == "host":  # staging slots for a chunk's gradients in the compute dtype
+            item = self.compute_dtype.itemsize
+            slot = max(sum(aligned(p.numel() * item) for p in c.parameters()) for c in self.masters)
+            self.grads = HostGradPath(self.params, self._master_of, device, self.d2h, slot,
+                                      max(2, min(4, len(self.masters))))
         # runtime.split_masters: the fp32 masters of some chunks become two 16-bit planes in the same
         # bytes of the arena; the GPU loads their bf16 plane (half the link traffic, no cast). "gpu":
         # the chunks the GPU updates (it joins and splits the planes itself, at no CPU cost); "all":
@@ -256,7 +278,7 @@ class StreamedEngine(Engine):
         self._sources: dict[int, JoinedTensor] = {}
         counts = [sum(p.numel() for p in ps) for ps in self._owned]
         gpu_planned = (optimizer_gpu_share > 0 and self.cuda and comm is None and moments_file is None
-                       and self.arena.registered and self.grad_accum == "device")
+                       and self.arena.registered and isinstance(self.grads, DeviceGradPath) and self.grads.on_gpu)
         if isinstance(split_masters, str):
             split = {"none": [], "all": list(range(len(counts))),
                      "gpu": gpu_update_chunks(counts, optimizer_gpu_share) if gpu_planned else []}[split_masters]
@@ -282,9 +304,6 @@ class StreamedEngine(Engine):
                 if isinstance(m, Block):
                     m.compiled = body
         keep = "checkpoint" if model.cfg.dropout > 0 else False  # recompute would resample dropout
-        self.h2d = TransferClock(self.cuda)
-        self.d2h = TransferClock(self.cuda)
-        self.idle = GpuIdleClock(device) if self.cuda else None
         self.om = offload_model_class()(modules, device=device, window=window, pin=pin, keep_activations=keep)
         # the host holds every chunk in the compute dtype already: nothing to cast
         low = self.copies is not None or (self.planes is not None and len(split) == len(counts))
@@ -324,22 +343,6 @@ class StreamedEngine(Engine):
             self.om.load_srcs.append(srcs)
             self.om.load_plans.append(plan)
 
-        owner_of = {id(p): self._owner[i] for i, ps in enumerate(self._owned) for p in ps}
-        if comm is not None:
-            if self.cuda and self.grad_accum != "device":
-                raise ValueError("several GPUs sum gradients on the GPU: use runtime.grad_accum=device (or auto)")
-            self.grad_accum = "device"  # on the CPU its path sums over the ranks with gloo
-        if self.grad_accum == "device":
-            mine = [ps for ps, m in zip(self._owned, self._mine) if m]
-            self.grads: DeviceGradPath | HostGradPath = DeviceGradPath(
-                self.params, self._master_of, device, self.d2h, mine, comm=comm, owner_of=owner_of)
-            if self.grads.fallback:  # page-locking refused: the CPU worker is faster than pageable DMA
-                self.grads.close()
-                self.grad_accum = "host"
-        if self.grad_accum == "host":  # staging slots for a chunk's gradients in the compute dtype
-            item = self.compute_dtype.itemsize
-            slot = max(sum(aligned(p.numel() * item) for p in c.parameters()) for c in modules)
-            self.grads = HostGradPath(self.params, self._master_of, device, self.d2h, slot, max(2, min(4, len(modules))))
         self.moments = None
         if self.share is not None:
             self.moments = self.share.moments
@@ -347,7 +350,7 @@ class StreamedEngine(Engine):
             per = [aligned(p.numel() * 4, PAGE) * 2 for p in self.params]
             self.moments = FileArena(moments_file, sum(per))
         gpu_chunks: list[int] = []
-        if gpu_planned and isinstance(self.grads, DeviceGradPath) and self.grads.on_gpu:
+        if gpu_planned:
             gpu_chunks = gpu_update_chunks(counts, optimizer_gpu_share)
         self.adamw = ChunkedAdamW(self.optimizer, self._owned, self.moments,
                                   update=[i for i, m in enumerate(self._mine) if m], gpu_chunks=gpu_chunks,
