@@ -279,9 +279,9 @@ class StreamedEngine(Engine):
         counts = [sum(p.numel() for p in ps) for ps in self._owned]
         gpu_planned = (optimizer_gpu_share > 0 and self.cuda and comm is None and moments_file is None
                        and self.arena.registered and isinstance(self.grads, DeviceGradPath) and self.grads.on_gpu)
+        gpu_chunks = gpu_update_chunks(counts, optimizer_gpu_share) if gpu_planned else []
         if isinstance(split_masters, str):
-            split = {"none": [], "all": list(range(len(counts))),
-                     "gpu": gpu_update_chunks(counts, optimizer_gpu_share) if gpu_planned else []}[split_masters]
+            split = {"none": [], "all": list(range(len(counts))), "gpu": gpu_chunks}[split_masters]
         else:  # these chunks (tests)
             split = sorted(set(split_masters))
         if split and self.copies is None and comm is None and self.compute_dtype == torch.bfloat16:
@@ -349,9 +349,6 @@ class StreamedEngine(Engine):
         elif moments_file is not None:
             per = [aligned(p.numel() * 4, PAGE) * 2 for p in self.params]
             self.moments = FileArena(moments_file, sum(per))
-        gpu_chunks: list[int] = []
-        if gpu_planned:
-            gpu_chunks = gpu_update_chunks(counts, optimizer_gpu_share)
         self.adamw = ChunkedAdamW(self.optimizer, self._owned, self.moments,
                                   update=[i for i, m in enumerate(self._mine) if m], gpu_chunks=gpu_chunks,
                                   device=device if gpu_chunks else None, planes=self.planes)

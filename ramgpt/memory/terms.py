@@ -528,6 +528,12 @@ def _load_bytes(profile: Profile, gpus: int = 1) -> list[int]:
     return out
 
 
+def casts_on_gpu(profile: Profile, gpus: int = 1) -> bool:
+    """Some chunk arrives as fp32 masters and is cast on the GPU (a compute dtype below fp32, no host
+    copies, not every chunk split)."""
+    return _load_bytes(profile, gpus) != [c.params * 2 for c in chunk_sizes(profile.model)]
+
+
 def _evenly_pinned(n: int, k: int) -> set[int]:
     # same choice as ramtorch.offload_simulator.evenly_pinned
     k = min(k, n)
@@ -566,7 +572,7 @@ def streamed_gpu(profile: Profile, seqs_per_pass: int, *, a: Assumptions = DEFAU
         pb_ = sum(sizes[i] for i in pinned)
         pins.append(Term(f"pinned chunks ({len(pinned)}) + their GPU grad accumulators", 2 * pb_))
     ids = Term("token ids + targets", 2 * T * 8)
-    if d.weight < 4 and _load_bytes(profile, gpus) != [c.params * 2 for c in chunks]:  # fp32 masters arrive through fp32 scratch and are cast
+    if d.weight < 4 and casts_on_gpu(profile, gpus):  # fp32 masters arrive through fp32 scratch and are cast
         big = max(max(c.tensors) for c in chunks)
         pins.append(Term("fp32 scratch of the loads being cast (3 pieces)", 3 * 4 * min(big, 8 * 2**20), fixed=True))
     bnd = T * C * d.resid

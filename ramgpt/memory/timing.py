@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING, Any, Literal
 from ramgpt.memory.terms import (
     PcieEstimate,
     _host_copies,
-    _load_bytes,
     _param_counts,
+    casts_on_gpu,
     chunk_sizes,
     split_chunks,
 )
@@ -399,8 +399,7 @@ def project_time(
             if pcie is not None and streamed
             else "resident engine: weights stay on the GPU, only token ids cross the link"
         )
-    if streamed and bound == "transfer" and _load_bytes(profile) != [c.params * 2 for c in chunk_sizes(profile.model)] \
-            and profile.runtime.precision in ("auto", "bf16"):  # what split_masters (and the copies) need
+    if streamed and bound == "transfer" and casts_on_gpu(profile) and profile.runtime.precision in ("auto", "bf16"):
         notes.append(f"the link bounds the passes here: runtime.host_bf16_copies=true halves the weights' traffic "
                      f"for {2 * n / 2**30:.1f} GiB more RAM; runtime.split_masters=true does it with no more RAM, "
                      "for more CPU work per update")
