@@ -378,6 +378,14 @@ def test_broken_yaml_is_one_line_error_with_the_line(tmp_path):
     _one_line_error(ei, "broken.yaml", "not valid YAML", "line")
 
 
+def test_a_key_given_twice_is_one_line_error_with_its_line(tmp_path):
+    f = tmp_path / "twice.yaml"
+    f.write_text("runtime:\n  seqs_per_pass: 2\n  window: 3\n  seqs_per_pass: 4\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as ei:
+        load_profile(str(f), use_env=False)
+    _one_line_error(ei, "twice.yaml", "line 4", "'seqs_per_pass' is given twice")
+
+
 def test_yaml_that_is_not_a_mapping_is_a_config_error(tmp_path):
     f = tmp_path / "list.yaml"
     f.write_text("- 1\n- 2\n", encoding="utf-8")
