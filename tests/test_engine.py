@@ -350,9 +350,13 @@ def test_streamed_engine_initialises_a_meta_model_in_its_arena() -> None:
     torch.manual_seed(seed)
     meta = build_gpt(cfg, materialize=False)
     assert all(p.is_meta for p in meta.parameters())
+    phases: list[str] = []
     stm = StreamedEngine(meta, device="cpu", precision="fp32", optim_cfg=OptimConfig(lr=1e-3), seqs_per_pass=2,
-                         window=2)
+                         window=2, on_phase=phases.append)
     try:
+        # the set-up says what it is doing as each long step begins (train's panel shows it)
+        assert phases == ["initialising the fp32 master weights", "page-locking the gradient accumulators",
+                          "setting up the weight stream"]
         got, want = stm.model.state_dict(), whole.state_dict()
         assert got.keys() == want.keys()
         for k in want:
@@ -366,6 +370,10 @@ def test_streamed_engine_initialises_a_meta_model_in_its_arena() -> None:
         x = torch.randint(0, cfg.vocab_size, (4, 16))
         a, b = stm.train_step(x, x, 1e-3), res.train_step(x, x, 1e-3)
         assert a.loss_sum == pytest.approx(b.loss_sum, rel=1e-5)
+        stm.wait_optimizer()
+        # the update's timeline (benchmarks read it) has each chunk once, done after it began
+        assert sorted(j for _, j, _, _ in stm.adamw.timeline) == list(range(len(stm.masters)))
+        assert all(0 <= began <= done for _, _, began, done in stm.adamw.timeline)
     finally:
         stm.close()
 
@@ -545,7 +553,8 @@ def test_chunks_kept_on_the_device_compute_with_each_steps_updated_weights(devic
 
 
 @pytest.mark.parametrize(("device", "which"), [("cpu", "all"), pytest.param("cuda", "all", marks=CUDA.marks),
-                                               pytest.param("cuda", "gpu", marks=CUDA.marks)])
+                                               pytest.param("cuda", "gpu", marks=CUDA.marks),
+                                               pytest.param("cuda", "gpu-lookahead", marks=CUDA.marks)])
 def test_split_masters_update_the_same_fp32_weights(device: str, which: str, monkeypatch: pytest.MonkeyPatch,
                                                     tmp_path) -> None:
     """``split_masters`` keeps the fp32 masters as two 16-bit planes; AdamW joins them, updates and
@@ -563,8 +572,11 @@ def test_split_masters_update_the_same_fp32_weights(device: str, which: str, mon
     base = GPT(cfg)
     kw = dict(device=device, precision="bf16", optim_cfg=optim, seqs_per_pass=2, window=2, optimizer_gpu_share=0.5,
               grad_accum="device" if device == "cuda" else "host")
+    lookahead = which.endswith("-lookahead")  # the GPU queues each chunk's update before the last one is done
+    which = which.removesuffix("-lookahead")
     whole = StreamedEngine(copy.deepcopy(base), **kw)
     split = StreamedEngine(copy.deepcopy(base), split_masters=which, **kw)
+    split.adamw.LOOKAHEAD = lookahead
     gen = torch.Generator().manual_seed(int(torch.randint(0, 10_000, ()).item()))
     try:
         assert split.planes is not None and whole.planes is None

@@ -15,6 +15,7 @@ generation. Engines take resolved values (a :class:`~ramgpt.placement.Placement`
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +28,11 @@ from ramgpt.placement import Placement
 
 
 def build_engine(model: GPT, placement: Placement, optim: Any, runtime: Any, scratch_dir: Path | None = None,
-                 comm: Any = None) -> Engine:
+                 comm: Any = None, on_phase: Callable[[str], None] | None = None) -> Engine:
     """The engine ``placement`` names, with the VRAM budget applied to the allocator first.
     ``optim`` is the profile's OptimConfig; ``runtime`` its RuntimeConfig (window, pin, checkpointing,
-    the low-RAM mode, whose moments file goes to ``runtime.optimizer_dir`` or ``scratch_dir``)."""
+    the low-RAM mode, whose moments file goes to ``runtime.optimizer_dir`` or ``scratch_dir``).
+    ``on_phase``: told each long step of the streamed engine's set-up as it begins."""
     apply_vram_budget(placement.device, placement.vram_budget_b)
     if placement.engine == "streamed":
         return StreamedEngine(model, device=placement.device, precision=placement.precision, optim_cfg=optim,
@@ -39,7 +41,7 @@ def build_engine(model: GPT, placement: Placement, optim: Any, runtime: Any, scr
                               grad_accum=placement.grad_accum, moments_file=_moments_file(runtime, scratch_dir),
                               comm=comm, optimizer_gpu_share=runtime.optimizer_gpu_share,
                               host_bf16_copies=runtime.host_bf16_copies, compile_blocks=placement.compile_blocks,
-                              split_masters=placement.split_masters)
+                              split_masters=placement.split_masters, on_phase=on_phase)
     return ResidentEngine(model, device=placement.device, precision=placement.precision, optim_cfg=optim,
                           micro_batch_size=placement.seqs_per_pass,
                           gradient_checkpointing=runtime.gradient_checkpointing and placement.device != "cpu",

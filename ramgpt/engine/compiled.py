@@ -32,8 +32,13 @@ GRAPH_LIMIT = 64  # graphs per compiled function (dynamo's default, 8, is reache
 def compiled_block_body():
     """The compiled :func:`ramgpt.model.block_body` for :data:`BACKEND`, one object per backend:
     dynamo's guards tie a compiled graph to the compiling object, so the warm-up and the engine
-    must share it (compilation itself happens at the first call)."""
-    return _compiled(BACKEND)
+    must share it (compilation itself happens at the first call). Locked: the warm-up thread and
+    the engine may ask at once, and two objects would compile everything twice."""
+    with _LOCK:
+        return _compiled(BACKEND)
+
+
+_LOCK = threading.Lock()
 
 
 @functools.cache
@@ -93,11 +98,12 @@ class BlockWarmUp(threading.Thread):
             dev = torch.device("cuda", torch.cuda.current_device())
         self.cfg, self.dev, self.dtype, self.seq_len = cfg, dev, dtype, seq_len
         self.train_seqs, self.eval_seqs = sorted(set(train_seqs)), sorted(set(eval_seqs) - set(train_seqs))
-        self.body = compiled_block_body()
+        self.body = None  # made in the thread: torch.compile's first call imports dynamo and inductor (seconds)
         self.warning: str | None = None
         self._error: BaseException | None = None
 
     def _compile(self) -> None:
+        self.body = compiled_block_body()
         import torch._dynamo.config as dynamo_config
 
         if not hasattr(torch.compiler, "set_stance"):

@@ -53,16 +53,23 @@ def unregister(t: torch.Tensor) -> None:
 class HostArena:
     """One host buffer carved into aligned tensor views; page-locked when ``device`` is CUDA."""
 
-    def __init__(self, nbytes: int, device: str, what: str):
-        self.device = device
+    def __init__(self, nbytes: int, device: str, what: str, lock: bool = True):
+        """``lock=False``: page-lock later, with :meth:`lock` (after the caller has written every page:
+        its threads fault the pages in in parallel, where the driver's page-lock of fresh memory
+        faults and zeroes them one after another)."""
+        self.device, self.what = device, what
         self.buf = torch.empty(max(nbytes, ALIGN), dtype=torch.uint8)
         self.registered = False
         self.off = 0
-        if device.startswith("cuda"):
-            self.registered = register(self.buf, device)
+        if lock:
+            self.lock()
+
+    def lock(self) -> None:
+        if self.device.startswith("cuda") and not self.registered:
+            self.registered = register(self.buf, self.device)
             if not self.registered:
-                warnings.warn(f"could not page-lock {nbytes / 2**30:.1f} GiB for {what}; host-device copies of it "
-                              "will be slower (pageable memory)", RuntimeWarning, stacklevel=2)
+                warnings.warn(f"could not page-lock {self.buf.numel() / 2**30:.1f} GiB for {self.what}; host-device "
+                              "copies of it will be slower (pageable memory)", RuntimeWarning, stacklevel=3)
 
     @property
     def nbytes(self) -> int:

@@ -21,6 +21,7 @@ wrap (it does on x86, Arm and CUDA builds of torch; a build where it saturates i
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from functools import lru_cache
 
@@ -28,6 +29,7 @@ import torch
 import torch.nn as nn
 
 PIECE = 1 << 20  # elements joined, updated and split at a time on the CPU: a few MiB, cache-sized
+CONVERT_WORKERS = 4  # chunks split at once at start-up (threads)
 ALIGN = 32  # bytes: each plane of a tensor starts 32-byte aligned, so hi + lo fill the fp32 slot exactly
 
 
@@ -82,7 +84,6 @@ class MasterPlanes:
 
     def __init__(self) -> None:
         self._of: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._scratch = torch.empty(0, dtype=torch.uint8)  # the conversion's, reused chunk to chunk
 
     def __contains__(self, p: torch.Tensor) -> bool:
         return id(p) in self._of
@@ -97,11 +98,35 @@ class MasterPlanes:
         """The bf16 weight the GPU computes with (a view of the ``hi`` plane, shaped like ``p``)."""
         return self.hi(p).view(torch.bfloat16).view(p.shape)
 
+    def convert_chunks(self, chunks: list[list[nn.Parameter]], flat: torch.Tensor, workers: int | None = None) -> None:
+        """:meth:`convert_chunk` for each chunk, ``workers`` chunks at a time (threads; torch releases
+        the GIL), each thread with its own scratch, reused chunk to chunk."""
+        workers = max(1, min(len(chunks), workers or CONVERT_WORKERS))
+        if workers == 1:
+            scratch = [torch.empty(0, dtype=torch.uint8)]
+            for c in chunks:
+                self.convert_chunk(c, flat, scratch)
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        local = threading.local()
+
+        def one(c: list[nn.Parameter]) -> None:
+            if not hasattr(local, "scratch"):
+                local.scratch = [torch.empty(0, dtype=torch.uint8)]
+            self.convert_chunk(c, flat, local.scratch)
+
+        with ThreadPoolExecutor(workers, thread_name_prefix="ramgpt-split") as pool:
+            list(pool.map(one, chunks))
+
     @torch.no_grad()
-    def convert_chunk(self, params: list[nn.Parameter], flat: torch.Tensor) -> None:
+    def convert_chunk(self, params: list[nn.Parameter], flat: torch.Tensor,
+                      scratch: list[torch.Tensor] | None = None) -> None:
         """Turn the fp32 masters ``params``, which must lie back to back in the 1-D uint8 ``flat``
         (each at a 64-byte aligned slot of ``aligned(4 n, 64)`` bytes, in this order), into planes
-        in the same bytes; each parameter's own storage becomes a placeholder (:func:`placeholder`)."""
+        in the same bytes; each parameter's own storage becomes a placeholder (:func:`placeholder`).
+        ``scratch``: a one-element list holding a uint8 buffer to reuse (grown and put back)."""
+        scratch = scratch if scratch is not None else [torch.empty(0, dtype=torch.uint8)]
         base = flat.data_ptr()
         start = params[0].data_ptr() - base
         off = start
@@ -112,13 +137,14 @@ class MasterPlanes:
         # the chunk's fp32 bytes move to scratch (one copy; reused, so its pages are touched once
         # for the whole model) with room behind for the split's int32 temporary, a piece at a time
         size = off - start
-        if self._scratch.numel() < size + 4 * PIECE:
-            self._scratch = torch.empty(size + 4 * PIECE, dtype=torch.uint8)
-        self._scratch[:size].copy_(flat[start:off])
-        tmp = self._scratch[size : size + 4 * PIECE].view(torch.int32)
+        if scratch[0].numel() < size + 4 * PIECE:
+            scratch[0] = torch.empty(size + 4 * PIECE, dtype=torch.uint8)
+        buf = scratch[0]
+        buf[:size].copy_(flat[start:off])
+        tmp = buf[size : size + 4 * PIECE].view(torch.int32)
         copies, o = [], 0
         for p in params:
-            copies.append(self._scratch[o : o + 4 * p.numel()].view(torch.float32))
+            copies.append(buf[o : o + 4 * p.numel()].view(torch.float32))
             o += _slot(p.numel())
         hi_off = start
         lo_off = start + sum(_plane(p.numel()) for p in params)
@@ -133,10 +159,6 @@ class MasterPlanes:
                 split(x[a:b], hi[a:b], lo[a:b], tmp[: b - a])
             self._of[id(p)] = (hi, lo)
             p.data = placeholder(p.shape)
-
-    def done_converting(self) -> None:
-        """Free the conversion's scratch."""
-        self._scratch = torch.empty(0, dtype=torch.uint8)
 
     # -- reading and writing whole tensors (checkpoints, tests) ---------------------------------
     def read(self, p: torch.Tensor) -> torch.Tensor:

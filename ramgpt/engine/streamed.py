@@ -27,7 +27,7 @@ import threading
 import time
 import warnings
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -175,7 +175,7 @@ class StreamedEngine(Engine):
                  window: int = 3, pin: int = 0, vram_budget_b: int | None = None, grad_accum: str = "host",
                  moments_file: Path | None = None, comm: Comm | None = None, optimizer_gpu_share: float = 0.0,
                  host_bf16_copies: bool = False, compile_blocks: bool = False,
-                 split_masters: str | Sequence[int] = "none"):
+                 split_masters: str | Sequence[int] = "none", on_phase: Callable[[str], None] | None = None):
         """``moments_file``: the low-RAM mode (``runtime.optimizer_on_disk``): AdamW's moments live in
         this memory-mapped file (removed on close) instead of RAM. ``comm``: one of several ranks
         (:mod:`ramgpt.dist`): the state is shared by the node's ranks and each chunk updated by its owner.
@@ -186,12 +186,15 @@ class StreamedEngine(Engine):
         the blocks run through one compiled graph (:mod:`.compiled`), compiled by :meth:`warm_up`.
         ``split_masters``: which chunks keep each fp32 master as its bf16 rounding, which the GPU
         loads, and the remaining 16 bits (:mod:`.planes`): "none", "gpu" (those the GPU updates),
-        "all", or the chunks' indices (one process, bf16 compute, not with ``host_bf16_copies``)."""
+        "all", or the chunks' indices (one process, bf16 compute, not with ``host_bf16_copies``).
+        ``on_phase``: told what the set-up is doing as each of its long steps begins (the panel shows it)."""
+        phase = on_phase or (lambda _text: None)
         if device.startswith("cuda") and torch.device(device).index is None:
             # worker threads must name the device: the current one is per thread
             device = f"cuda:{torch.cuda.current_device()}"
         arena = None
         if any(p.is_meta for p in model.parameters()):  # build_gpt(materialize=False): place, then initialise
+            phase("initialising the fp32 master weights")
             arena = self._materialize(model, device, several=comm is not None)
         super().__init__(model, device=device, precision=precision, optim_cfg=optim_cfg, vram_budget_b=vram_budget_b)
         if grad_accum not in ("auto", "host", "device"):
@@ -256,6 +259,7 @@ class StreamedEngine(Engine):
             if self.cuda and self.grad_accum != "device":
                 raise ValueError("several GPUs sum gradients on the GPU: use runtime.grad_accum=device (or auto)")
             self.grad_accum = "device"  # on the CPU its path sums over the ranks with gloo
+        phase("page-locking the gradient accumulators")
         if self.grad_accum == "device":
             mine = [ps for ps, m in zip(self._owned, self._mine) if m]
             self.grads: DeviceGradPath | HostGradPath = DeviceGradPath(
@@ -286,15 +290,14 @@ class StreamedEngine(Engine):
             split = sorted(set(split_masters))
         if split and self.copies is None and comm is None and self.compute_dtype == torch.bfloat16:
             if planes_work("cpu") and (not self.cuda or planes_work(device)):
+                phase("splitting the masters into 16-bit halves")
                 self.planes = MasterPlanes()
-                for i in split:
-                    if self._owned[i]:
-                        self.planes.convert_chunk(self._owned[i], self.arena.buf)
-                self.planes.done_converting()
+                self.planes.convert_chunks([self._owned[i] for i in split if self._owned[i]], self.arena.buf)
                 self._sources = {id(p): self.planes.source(p) for p in self.params if p in self.planes}
             else:
                 warnings.warn("this torch build cannot split fp32 weights into 16-bit halves exactly; the GPU loads "
                               "the fp32 masters instead (runtime.split_masters)", RuntimeWarning, stacklevel=2)
+        phase("setting up the weight stream")
         modules = _streamed_modules(self.masters, self.copies, self.compute_dtype, self.planes)
         self._head_copy = modules[-1]
         self.compile_blocks = compile_blocks
@@ -391,7 +394,9 @@ class StreamedEngine(Engine):
                 for leaf, p in mod.named_parameters(recurse=False):
                     order.append((mod, leaf, p))
                     seen.setdefault(id(p), p)
-        arena = HostArena(sum(aligned(p.numel() * 4) for p in seen.values()), device, "the fp32 master weights")
+        # page-locked once written: the init's threads fault the pages in, in parallel
+        arena = HostArena(sum(aligned(p.numel() * 4) for p in seen.values()), device, "the fp32 master weights",
+                          lock=False)
         new: dict[int, nn.Parameter] = {}
         for mod, leaf, p in order:
             if id(p) not in new:
@@ -399,6 +404,7 @@ class StreamedEngine(Engine):
             mod._parameters[leaf] = new[id(p)]
         model.tie_weights()
         model.init_weights()
+        arena.lock()
         return arena
 
     @property

@@ -283,7 +283,8 @@ def setup_run(profile: Profile, *, resume: str | None, sinks: list | None, on_sa
         if rt.optimizer_on_disk and placement.engine != "streamed":
             raise ConfigError("runtime.optimizer_on_disk needs the streamed engine, but this machine runs the profile "
                               f"on the {placement.engine} engine; set runtime.engine=streamed")
-        engine = build_engine(model, placement, profile.optim, rt, scratch_dir=run_dir.path, comm=comm)
+        engine = build_engine(model, placement, profile.optim, rt, scratch_dir=run_dir.path, comm=comm,
+                              on_phase=lambda text: phase(f"placing the weights: {text}"))
         if compiling is not None and compiling.is_alive():
             phase("compiling the blocks (torch.compile; later runs reuse its cache)")
         warning = engine.warm_up(profile.data.seq_len, compiling)
