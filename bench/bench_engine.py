@@ -10,7 +10,9 @@ Sections (run them on one warm machine, so the ratios compare like with like):
              env SPP (seqs per pass, default 16), ACC (host|device gradient accumulation; default
              the profile's auto), STEPS, SETS (more overrides: "key=value key=value"),
              LOAD_SLOTS=0 (A/B: a fresh device allocation per chunk load, as before round 5),
-             SWITCH (A/B: sys.setswitchinterval, seconds)
+             SWITCH (A/B: sys.setswitchinterval, seconds), SPLIT_PIECE, GPU_UPDATE_ORDERED=0,
+             GPU_UPDATE_LOOKAHEAD=0|1 (A/B knobs of the optimizer's update; the result holds the
+             last two updates' per-chunk timelines)
   p1b        ramgpt streamed engine, 0p1b under the same 5.1 GiB budget; env STEPS, ACC
   p1b_resident  resident PyTorch, 0p1b, no cap (the p1b section's baseline); env MB, STEPS
   agree      small model: resident vs streamed bf16 loss curves on the GPU (same init, same data);
@@ -329,7 +331,16 @@ def main() -> None:
         from ramgpt.engine.chunked_adamw import ChunkedAdamW
 
         ChunkedAdamW.ORDERED = False
+    if os.environ.get("GPU_UPDATE_LOOKAHEAD"):  # A/B: the GPU queues the next chunk's update before the
+        from ramgpt.engine.chunked_adamw import ChunkedAdamW  # last one's is waited for (1) or not (0)
+
+        ChunkedAdamW.LOOKAHEAD = os.environ["GPU_UPDATE_LOOKAHEAD"] == "1"
+    from ramgpt.engine.chunked_adamw import ChunkedAdamW
+
+    ChunkedAdamW.TIMELINES = timelines = []  # each update's per-chunk times (side, chunk, began, done)
     res = SECTIONS[args.section](args.out)
+    if timelines:  # the last two updates (the steps are warm by then)
+        res["update_timelines"] = [{k: v for k, v in t.items() if k != "t0"} for t in timelines[-2:]]
     res["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     res["torch"] = torch.__version__
     res["date"] = time.strftime("%Y-%m-%d")

@@ -57,6 +57,8 @@ def new_adamw_state(p: nn.Parameter, moments: FileArena | HostArena | None = Non
 class ChunkedAdamW:
     PIECE = 4 * 2**20  # elements per GPU piece (16 MiB per tensor, 4 tensors, 2 streams: 128 MiB of VRAM)
     ORDERED = True  # the GPU's share queues behind the compute stream's work (docs/design.md, item 4)
+    LOOKAHEAD = False  # the GPU queues chunk i+1's pieces before waiting for chunk i's (no drain per chunk)
+    TIMELINES: list | None = None  # a list (benchmarks): each update appends its per-chunk times
 
     def __init__(self, optimizer: torch.optim.AdamW, chunks: Sequence[Sequence[nn.Parameter]],
                  moments: FileArena | None = None, update: Sequence[int] | None = None,
@@ -94,6 +96,8 @@ class ChunkedAdamW:
         self._thread: threading.Thread | None = None
         self._gpu_thread: threading.Thread | None = None
         self._t0, self._ends = 0.0, []
+        self.timeline: list[tuple[str, int, float, float]] = []  # the last update's (side, chunk, began, done)
+        self._waits: list[tuple[int, float, float]] = []  # the loads that waited for it: (chunk, from, to)
         self.error: BaseException | None = None
         self.work_s_total = 0.0  # time spent updating (hidden or not)
         self.last_work_s = 0.0
@@ -154,10 +158,11 @@ class ChunkedAdamW:
         return out
 
     @torch.no_grad()
-    def step_chunk_gpu(self, i: int, lr: float, grad_scale: float) -> None:
+    def step_chunk_gpu(self, i: int, lr: float, grad_scale: float, wait: bool = True) -> list[torch.cuda.Event]:
         """Chunk ``i`` through the GPU: per piece, masters, gradients and moments H2D, fused AdamW
         there, masters and moments D2H; pieces alternate between two streams and scratch sets.
-        Returns when the host memory holds the result.
+        Returns when the host memory holds the result; with ``wait=False`` at once, with the events
+        that complete when it does (the next chunk's pieces queue behind this one's, no drain between).
 
         The scale and each step counter are written on this thread's current stream, the compute
         stream, and both streams wait for it per parameter: the update then fills the compute
@@ -226,8 +231,15 @@ class ChunkedAdamW:
                             host[j][a:b].copy_(d[j], non_blocking=True)
                 step_d.record_stream(streams[0])
                 step_d.record_stream(streams[1])
+        done = []
         for s in streams:
-            s.synchronize()
+            ev = torch.cuda.Event()
+            ev.record(s)
+            done.append(ev)
+        if wait:
+            for ev in done:
+                ev.synchronize()
+        return done
 
     @torch.no_grad()
     def step_chunk(self, i: int, lr: float, grad_scale: torch.Tensor, found_inf: torch.Tensor) -> None:
@@ -306,27 +318,56 @@ class ChunkedAdamW:
         on_gpu = sorted(self.gpu_chunks)
         on_cpu = [i for i in range(len(self.chunks)) if i not in self.gpu_chunks]
 
+        timeline: list[tuple[str, int, float, float]] = []  # (side, chunk, began, done) since t0
+        self.timeline, self._waits = timeline, []
+        if self.TIMELINES is not None:
+            self.TIMELINES.append({"chunks": timeline, "waits": self._waits, "t0": t0,
+                                   "sizes": [sum(p.numel() for p in c) for c in self.chunks]})
+
         def run(mine: list[int], gpu: bool) -> None:
+            side = "gpu" if gpu else "cpu"
+            queued: tuple[int, float, list] | None = None  # LOOKAHEAD: the GPU chunk in flight
+
+            def finish(j: int, began: float, events: list) -> None:
+                for ev in events:
+                    ev.synchronize()
+                after_chunk(j)
+                timeline.append((side, j, began, time.perf_counter() - t0))
+                self.ready[j].set()
+
             try:
                 if gpu:
                     torch.cuda.set_device(self.device)
                 for i in mine:
-                    if i in self.update:
-                        if before_chunk is not None:
-                            before_chunk(i)
-                        if gpu:
-                            self.step_chunk_gpu(i, lr, grad_scale)
-                        else:
-                            self.step_chunk(i, lr, gs, fi)
-                        after_chunk(i)
-                    self.ready[i].set()
+                    if i not in self.update:
+                        self.ready[i].set()
+                        continue
+                    if before_chunk is not None:
+                        before_chunk(i)
+                    began = time.perf_counter() - t0
+                    if gpu and self.LOOKAHEAD:
+                        events = self.step_chunk_gpu(i, lr, grad_scale, wait=False)
+                        if queued is not None:
+                            finish(*queued)
+                        queued = (i, began, events)
+                        continue
+                    if gpu:
+                        self.step_chunk_gpu(i, lr, grad_scale)
+                    else:
+                        self.step_chunk(i, lr, gs, fi)
+                    finish(i, began, [])
+                if queued is not None:
+                    finish(*queued)
+                    queued = None
             except BaseException as e:  # noqa: BLE001 - re-raised on the training thread
                 self.error = e
                 for ev in self.ready:  # never leave a waiter hanging
                     ev.set()
             finally:
                 if gpu and self._gpu is not None:
-                    self._gpu.pop("bufs", None)  # every piece was synchronized: free to reuse
+                    for stream in self._gpu["streams"]:  # (after an error a piece may still be in flight)
+                        stream.synchronize()
+                    self._gpu.pop("bufs", None)  # every piece is done: free to reuse
                     self._gpu.pop("bufs16", None)
                 ends.append(time.perf_counter())
 
@@ -342,7 +383,10 @@ class ChunkedAdamW:
         return any(t is not None and t.is_alive() for t in (self._thread, self._gpu_thread))
 
     def wait_chunk(self, i: int) -> None:
-        self.ready[i].wait()
+        if not self.ready[i].is_set():
+            t = time.perf_counter()
+            self.ready[i].wait()
+            self._waits.append((i, t - self._t0, time.perf_counter() - self._t0))
         self._raise()
 
     def wait_all(self) -> None:

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Round 8 (the optimizer's update window, start-up) in one call:  bash bench/gpu_round8.sh OUTDIR [ab|final]
+# Both: the CUDA engine tests, the plain resident ceiling harness, then `ramgpt train --profile
+# rtx3050-6gb` for 8 steps (compiled blocks; every result holds the last two updates' per-chunk
+# timelines and the set-up's phases) and estimate-memory's projection;
+# ab: the shipped settings, the GPU's update queued a chunk ahead (GPU_UPDATE_LOOKAHEAD=1) at the
+#   shipped 0.7 share and at 0.6 and 0.8, the shipped settings again;
+# final: the shipped settings three times.
+set -u
+out=$1
+mode=${2:-ab}
+res=/tmp/round8-res  # packed into $out/res.tgz after every run (the device tool brings back 8 files)
+mkdir -p "$res"
+log=$out/log-round8-$mode.txt
+. "$(dirname "$0")/gpu_lib.sh"
+run 150 python3 -m pytest -q -p no:cacheprovider tests/test_engine.py
+run 45 python3 bench/perf.py ceiling --out "$res"
+pack() { tar -C "$(dirname "$res")" -czf "$out/res.tgz" "$(basename "$res")"; }
+bench() {  # TAG [SETS [VAR=VALUE]]
+  run 85 env SPP=16 STEPS=8 ${3:-} SETS="${2:-}" python3 bench/bench_engine.py streamed --out "$res" --tag="_$1"
+  pack
+}
+if [ "$mode" = ab ]; then
+  bench shipped1
+  bench look7 "" GPU_UPDATE_LOOKAHEAD=1
+  run_estimate
+  bench look6 "runtime.optimizer_gpu_share=0.6" GPU_UPDATE_LOOKAHEAD=1
+  bench look8 "runtime.optimizer_gpu_share=0.8" GPU_UPDATE_LOOKAHEAD=1
+  bench shipped2
+else
+  bench shipped1
+  run_estimate
+  bench shipped2
+  bench shipped3
+fi
+pack
+grep -h "^RESULT\|passed\|failed\|Error\|rc=" "$log" | cut -c1-1500
