@@ -5,6 +5,8 @@
 # timelines and the set-up's phases) and estimate-memory's projection;
 # ab: the shipped settings, the GPU's update queued a chunk ahead (GPU_UPDATE_LOOKAHEAD=1) at the
 #   shipped 0.7 share and at 0.6 and 0.8, the shipped settings again;
+# ab2 (LOOKAHEAD the default, rtx3050-6gb at 0.6): the shipped settings, shares 0.5 and 0.55, the
+#   shipped settings again;
 # final: the shipped settings three times.
 set -u
 out=$1
@@ -26,6 +28,12 @@ if [ "$mode" = ab ]; then
   run_estimate
   bench look6 "runtime.optimizer_gpu_share=0.6" GPU_UPDATE_LOOKAHEAD=1
   bench look8 "runtime.optimizer_gpu_share=0.8" GPU_UPDATE_LOOKAHEAD=1
+  bench shipped2
+elif [ "$mode" = ab2 ]; then
+  bench shipped1
+  run_estimate
+  bench g5 "runtime.optimizer_gpu_share=0.5"
+  bench g55 "runtime.optimizer_gpu_share=0.55"
   bench shipped2
 else
   bench shipped1

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -254,13 +255,33 @@ class GPT(nn.Module):
         return self.head.logits(x[:, -1:, :])[:, -1, :], new_caches
 
 
+@contextmanager
+def _without_default_init():
+    """The layers' own ``reset_parameters``, skipped while a model is built on the meta device:
+    :meth:`GPT.init_weights` sets every tensor anyway, and on the meta device the default init's
+    ``normal_`` goes through torch._refs, whose first call imports torch._dynamo (1.5 s of the
+    main thread's start-up; with compiled blocks the warm-up thread imports it meanwhile)."""
+    saved = {cls: cls.__dict__["reset_parameters"] for cls in (nn.Linear, nn.Embedding, nn.LayerNorm)}
+    for cls in saved:
+        cls.reset_parameters = _skip
+    try:
+        yield
+    finally:
+        for cls, fn in saved.items():
+            cls.reset_parameters = fn
+
+
+def _skip(self) -> None:
+    return None
+
+
 def build_gpt(cfg: ModelConfig, loss_chunk_tokens: int = 2048, device: str | torch.device = "cpu",
               workers: int | None = None, materialize: bool = True) -> GPT:
     """``GPT(cfg)`` without the wasted default init of every Linear (built on the meta device, then
     allocated and initialised once, in parallel). Same weights as ``GPT(cfg)`` for the same seed.
     ``materialize=False``: left on the meta device for an engine that allocates the weights where
     they will live and then calls :meth:`GPT.init_weights` (the streamed engine's page-locked arena)."""
-    with torch.device("meta"):
+    with torch.device("meta"), _without_default_init():
         model = GPT(cfg, loss_chunk_tokens)
     if not materialize:
         return model

@@ -554,7 +554,7 @@ def test_chunks_kept_on_the_device_compute_with_each_steps_updated_weights(devic
 
 @pytest.mark.parametrize(("device", "which"), [("cpu", "all"), pytest.param("cuda", "all", marks=CUDA.marks),
                                                pytest.param("cuda", "gpu", marks=CUDA.marks),
-                                               pytest.param("cuda", "gpu-lookahead", marks=CUDA.marks)])
+                                               pytest.param("cuda", "gpu-drained", marks=CUDA.marks)])
 def test_split_masters_update_the_same_fp32_weights(device: str, which: str, monkeypatch: pytest.MonkeyPatch,
                                                     tmp_path) -> None:
     """``split_masters`` keeps the fp32 masters as two 16-bit planes; AdamW joins them, updates and
@@ -572,11 +572,13 @@ def test_split_masters_update_the_same_fp32_weights(device: str, which: str, mon
     base = GPT(cfg)
     kw = dict(device=device, precision="bf16", optim_cfg=optim, seqs_per_pass=2, window=2, optimizer_gpu_share=0.5,
               grad_accum="device" if device == "cuda" else "host")
-    lookahead = which.endswith("-lookahead")  # the GPU queues each chunk's update before the last one is done
-    which = which.removesuffix("-lookahead")
+    # "-drained": the GPU waits for each chunk's update before it queues the next (whole: queued ahead)
+    drained = which.endswith("-drained")
+    which = which.removesuffix("-drained")
     whole = StreamedEngine(copy.deepcopy(base), **kw)
     split = StreamedEngine(copy.deepcopy(base), split_masters=which, **kw)
-    split.adamw.LOOKAHEAD = lookahead
+    assert whole.adamw.LOOKAHEAD
+    split.adamw.LOOKAHEAD = not drained
     gen = torch.Generator().manual_seed(int(torch.randint(0, 10_000, ()).item()))
     try:
         assert split.planes is not None and whole.planes is None

@@ -287,3 +287,26 @@ def test_init_scales_residual_projections():
     std_fc = model.h[0].mlp.c_fc.weight.std().item()
     assert std_fc == pytest.approx(0.02, rel=0.05)
     assert std_proj == pytest.approx(0.02 / (2 * cfg.n_layer) ** 0.5, rel=0.05)
+
+
+def test_building_on_the_meta_device_leaves_the_layers_default_init_in_place(monkeypatch) -> None:
+    """build_gpt skips nn's default init while it builds on the meta device (init_weights sets every
+    tensor); the layers must have their own reset_parameters back afterwards, also after an error."""
+    import torch.nn as nn
+
+    from ramgpt.model import build_gpt
+
+    before = {cls: cls.reset_parameters for cls in (nn.Linear, nn.Embedding, nn.LayerNorm)}
+    cfg = ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=32)
+    build_gpt(cfg, materialize=False)
+    from ramgpt import model
+
+    def broken(self, *a, **k):
+        raise RuntimeError("broken head")
+
+    monkeypatch.setattr(model.Head, "__init__", broken)
+    with pytest.raises(RuntimeError, match="broken head"):
+        build_gpt(cfg, materialize=False)
+    assert {cls: cls.reset_parameters for cls in before} == before
+    layer = nn.Linear(4, 4)  # and still initialised as torch does
+    assert layer.weight.abs().sum() > 0

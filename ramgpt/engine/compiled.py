@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
+import time
 from typing import Any
 
 import torch
@@ -90,6 +91,8 @@ class BlockWarmUp(threading.Thread):
     and returns None, or a warning where compiling failed (the blocks must then run eager).
     Running out of memory is not a compile failure: :meth:`result` raises it."""
 
+    TIMINGS: list | None = None  # a list (benchmarks): (what, time.perf_counter()) as the warm-up goes
+
     def __init__(self, cfg, device: str, dtype: torch.dtype, seq_len: int, train_seqs: list[int],
                  eval_seqs: list[int] = ()):
         super().__init__(name="ramgpt-compile", daemon=True)
@@ -102,9 +105,16 @@ class BlockWarmUp(threading.Thread):
         self.warning: str | None = None
         self._error: BaseException | None = None
 
+    def _mark(self, what: str) -> None:
+        if self.TIMINGS is not None:
+            self.TIMINGS.append((what, time.perf_counter()))
+
     def _compile(self) -> None:
+        self._mark("started")
         self.body = compiled_block_body()
         import torch._dynamo.config as dynamo_config
+
+        self._mark("imported")
 
         if not hasattr(torch.compiler, "set_stance"):
             raise RuntimeError(f"needs torch 2.6 or later (torch.compiler.set_stance), this is {torch.__version__}")
@@ -139,6 +149,7 @@ class BlockWarmUp(threading.Thread):
             x = torch.randn(seqs, self.seq_len, self.cfg.n_embd, device=dev, dtype=dtype, generator=gen)
             with torch.no_grad(), autocast():  # the forward phase of a pass; an evaluation batch
                 self.body(block, x)
+            self._mark(f"forward {seqs}")
             if seqs not in self.train_seqs:
                 continue
             for t in weights:
@@ -148,6 +159,7 @@ class BlockWarmUp(threading.Thread):
                 with autocast():
                     out = self.body(block, inp)
                 torch.autograd.grad([out], [inp, *weights], grad_outputs=[torch.ones_like(out)])
+            self._mark(f"backward {seqs}")
             for t in weights:
                 t.requires_grad_(False)
             del x, inp, out
