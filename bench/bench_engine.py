@@ -11,7 +11,7 @@ Sections (run them on one warm machine, so the ratios compare like with like):
              the profile's auto), STEPS, SETS (more overrides: "key=value key=value"),
              LOAD_SLOTS=0 (A/B: a fresh device allocation per chunk load, as before round 5),
              SWITCH (A/B: sys.setswitchinterval, seconds), SPLIT_PIECE, GPU_UPDATE_ORDERED=0,
-             GPU_UPDATE_LOOKAHEAD=0|1 (A/B knobs of the optimizer's update; the result holds the
+             GPU_UPDATE_LOOKAHEAD=0|1|2 (A/B knobs of the optimizer's update; the result holds the
              last two updates' per-chunk timelines)
   p1b        ramgpt streamed engine, 0p1b under the same 5.1 GiB budget; env STEPS, ACC
   p1b_resident  resident PyTorch, 0p1b, no cap (the p1b section's baseline); env MB, STEPS
@@ -331,10 +331,10 @@ def main() -> None:
         from ramgpt.engine.chunked_adamw import ChunkedAdamW
 
         ChunkedAdamW.ORDERED = False
-    if os.environ.get("GPU_UPDATE_LOOKAHEAD"):  # A/B: the GPU queues the next chunk's update before the
-        from ramgpt.engine.chunked_adamw import ChunkedAdamW  # last one's is waited for (1) or not (0)
+    if os.environ.get("GPU_UPDATE_LOOKAHEAD"):  # A/B: chunks the GPU queues ahead of the one it waits for
+        from ramgpt.engine.chunked_adamw import ChunkedAdamW
 
-        ChunkedAdamW.LOOKAHEAD = os.environ["GPU_UPDATE_LOOKAHEAD"] == "1"
+        ChunkedAdamW.LOOKAHEAD = int(os.environ["GPU_UPDATE_LOOKAHEAD"])
     from ramgpt.engine.chunked_adamw import ChunkedAdamW
 
     ChunkedAdamW.TIMELINES = timelines = []  # each update's per-chunk times (side, chunk, began, done)

@@ -7,6 +7,9 @@
 #   shipped 0.7 share and at 0.6 and 0.8, the shipped settings again;
 # ab2 (LOOKAHEAD the default, rtx3050-6gb at 0.6): the shipped settings, shares 0.5 and 0.55, the
 #   shipped settings again;
+# ab3 (the compile's imports back before its thread, larger start-up split pieces): the shipped
+#   settings, two chunks queued ahead (GPU_UPDATE_LOOKAHEAD=2) at 0.6 and 0.55, at 0.6 with a 1 ms
+#   GIL switch interval (SWITCH), the shipped settings again;
 # final: the shipped settings three times.
 set -u
 out=$1
@@ -34,6 +37,13 @@ elif [ "$mode" = ab2 ]; then
   run_estimate
   bench g5 "runtime.optimizer_gpu_share=0.5"
   bench g55 "runtime.optimizer_gpu_share=0.55"
+  bench shipped2
+elif [ "$mode" = ab3 ]; then
+  bench shipped1
+  run_estimate
+  bench ahead2 "" GPU_UPDATE_LOOKAHEAD=2
+  bench ahead2_g55 "runtime.optimizer_gpu_share=0.55" GPU_UPDATE_LOOKAHEAD=2
+  bench ahead2_sw1 "" "GPU_UPDATE_LOOKAHEAD=2 SWITCH=0.001"
   bench shipped2
 else
   bench shipped1

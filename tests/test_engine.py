@@ -554,7 +554,8 @@ def test_chunks_kept_on_the_device_compute_with_each_steps_updated_weights(devic
 
 @pytest.mark.parametrize(("device", "which"), [("cpu", "all"), pytest.param("cuda", "all", marks=CUDA.marks),
                                                pytest.param("cuda", "gpu", marks=CUDA.marks),
-                                               pytest.param("cuda", "gpu-drained", marks=CUDA.marks)])
+                                               pytest.param("cuda", "gpu-drained", marks=CUDA.marks),
+                                               pytest.param("cuda", "gpu-ahead2", marks=CUDA.marks)])
 def test_split_masters_update_the_same_fp32_weights(device: str, which: str, monkeypatch: pytest.MonkeyPatch,
                                                     tmp_path) -> None:
     """``split_masters`` keeps the fp32 masters as two 16-bit planes; AdamW joins them, updates and
@@ -565,20 +566,20 @@ def test_split_masters_update_the_same_fp32_weights(device: str, which: str, mon
     from ramgpt.engine import planes
 
     monkeypatch.setattr(planes, "PIECE", 1000)
+    monkeypatch.setattr(planes, "CONVERT_PIECE", 1500)
     monkeypatch.setattr(ChunkedAdamW, "PIECE", 1000)
-    cfg = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64, tie_embeddings=True)
+    cfg = ModelConfig(n_layer=3, n_head=2, n_embd=32, block_size=16, vocab_size=64, tie_embeddings=True)
     optim = OptimConfig(lr=1e-2, grad_clip=0.5, micro_batch_size=2, grad_accum_steps=2)
     torch.manual_seed(int(torch.randint(0, 10_000, ()).item()))
     base = GPT(cfg)
     kw = dict(device=device, precision="bf16", optim_cfg=optim, seqs_per_pass=2, window=2, optimizer_gpu_share=0.5,
               grad_accum="device" if device == "cuda" else "host")
-    # "-drained": the GPU waits for each chunk's update before it queues the next (whole: queued ahead)
-    drained = which.endswith("-drained")
-    which = which.removesuffix("-drained")
+    # the GPU's chunks queued ahead of the one it waits for: "-drained" none, "-ahead2" two (whole: one)
+    which, _, ahead = which.partition("-")
     whole = StreamedEngine(copy.deepcopy(base), **kw)
     split = StreamedEngine(copy.deepcopy(base), split_masters=which, **kw)
-    assert whole.adamw.LOOKAHEAD
-    split.adamw.LOOKAHEAD = not drained
+    assert whole.adamw.LOOKAHEAD == 1
+    split.adamw.LOOKAHEAD = {"": 1, "drained": 0, "ahead2": 2}[ahead]
     gen = torch.Generator().manual_seed(int(torch.randint(0, 10_000, ()).item()))
     try:
         assert split.planes is not None and whole.planes is None

@@ -57,9 +57,10 @@ def new_adamw_state(p: nn.Parameter, moments: FileArena | HostArena | None = Non
 class ChunkedAdamW:
     PIECE = 4 * 2**20  # elements per GPU piece (16 MiB per tensor, 4 tensors, 2 streams: 128 MiB of VRAM)
     ORDERED = True  # the GPU's share queues behind the compute stream's work (docs/design.md, item 4)
-    # the GPU queues chunk i+1's pieces before waiting for chunk i's, so the copy engines do not drain
-    # between chunks: its share ran 1.18x as fast (H200, docs/benchmarks.md, round 8)
-    LOOKAHEAD = True
+    # chunks the GPU queues ahead of the one it waits for, so the copy engines do not drain between
+    # chunks (0: each chunk waited for before the next is queued): with 1 its share ran 1.18x as fast
+    # (H200, docs/benchmarks.md, round 8)
+    LOOKAHEAD = 1
     TIMELINES: list | None = None  # a list (benchmarks): each update appends its per-chunk times
 
     def __init__(self, optimizer: torch.optim.AdamW, chunks: Sequence[Sequence[nn.Parameter]],
@@ -328,7 +329,7 @@ class ChunkedAdamW:
 
         def run(mine: list[int], gpu: bool) -> None:
             side = "gpu" if gpu else "cpu"
-            queued: tuple[int, float, list] | None = None  # LOOKAHEAD: the GPU chunk in flight
+            queued: list[tuple[int, float, list]] = []  # LOOKAHEAD: the GPU's chunks in flight, oldest first
 
             def finish(j: int, began: float, events: list) -> None:
                 for ev in events:
@@ -347,20 +348,18 @@ class ChunkedAdamW:
                     if before_chunk is not None:
                         before_chunk(i)
                     began = time.perf_counter() - t0
-                    if gpu and self.LOOKAHEAD:
-                        events = self.step_chunk_gpu(i, lr, grad_scale, wait=False)
-                        if queued is not None:
-                            finish(*queued)
-                        queued = (i, began, events)
+                    if gpu and self.LOOKAHEAD > 0:
+                        queued.append((i, began, self.step_chunk_gpu(i, lr, grad_scale, wait=False)))
+                        if len(queued) > self.LOOKAHEAD:
+                            finish(*queued.pop(0))
                         continue
                     if gpu:
                         self.step_chunk_gpu(i, lr, grad_scale)
                     else:
                         self.step_chunk(i, lr, gs, fi)
                     finish(i, began, [])
-                if queued is not None:
-                    finish(*queued)
-                    queued = None
+                while queued:
+                    finish(*queued.pop(0))
             except BaseException as e:  # noqa: BLE001 - re-raised on the training thread
                 self.error = e
                 for ev in self.ready:  # never leave a waiter hanging

@@ -101,7 +101,10 @@ class BlockWarmUp(threading.Thread):
             dev = torch.device("cuda", torch.cuda.current_device())
         self.cfg, self.dev, self.dtype, self.seq_len = cfg, dev, dtype, seq_len
         self.train_seqs, self.eval_seqs = sorted(set(train_seqs)), sorted(set(eval_seqs) - set(train_seqs))
-        self.body = None  # made in the thread: torch.compile's first call imports dynamo and inductor (seconds)
+        # torch.compile's first call imports dynamo (1.5 s): here, before the thread starts. Imported by
+        # the thread, beside the engine's set-up, both took longer (page faults and the GIL: the first
+        # pass began 1-3 s later on the H200 machine, round 8)
+        self.body = compiled_block_body()
         self.warning: str | None = None
         self._error: BaseException | None = None
 
@@ -111,7 +114,6 @@ class BlockWarmUp(threading.Thread):
 
     def _compile(self) -> None:
         self._mark("started")
-        self.body = compiled_block_body()
         import torch._dynamo.config as dynamo_config
 
         self._mark("imported")

@@ -30,6 +30,9 @@ import torch.nn as nn
 
 PIECE = 1 << 20  # elements joined, updated and split at a time on the CPU: a few MiB, cache-sized
 CONVERT_WORKERS = 4  # chunks split at once at start-up (threads)
+# elements split at a time at start-up: few large operations (thousands of small ones, each taking the
+# GIL, ran 3x as long beside the compile warm-up's thread)
+CONVERT_PIECE = 16 << 20
 ALIGN = 32  # bytes: each plane of a tensor starts 32-byte aligned, so hi + lo fill the fp32 slot exactly
 
 
@@ -137,11 +140,12 @@ class MasterPlanes:
         # the chunk's fp32 bytes move to scratch (one copy; reused, so its pages are touched once
         # for the whole model) with room behind for the split's int32 temporary, a piece at a time
         size = off - start
-        if scratch[0].numel() < size + 4 * PIECE:
-            scratch[0] = torch.empty(size + 4 * PIECE, dtype=torch.uint8)
+        piece = CONVERT_PIECE
+        if scratch[0].numel() < size + 4 * piece:
+            scratch[0] = torch.empty(size + 4 * piece, dtype=torch.uint8)
         buf = scratch[0]
         buf[:size].copy_(flat[start:off])
-        tmp = buf[size : size + 4 * PIECE].view(torch.int32)
+        tmp = buf[size : size + 4 * piece].view(torch.int32)
         copies, o = [], 0
         for p in params:
             copies.append(buf[o : o + 4 * p.numel()].view(torch.float32))
@@ -154,8 +158,8 @@ class MasterPlanes:
             lo = flat[lo_off : lo_off + 2 * n].view(torch.int16)
             hi_off += _plane(n)
             lo_off += _plane(n)
-            for a in range(0, n, PIECE):
-                b = min(a + PIECE, n)
+            for a in range(0, n, piece):
+                b = min(a + piece, n)
                 split(x[a:b], hi[a:b], lo[a:b], tmp[: b - a])
             self._of[id(p)] = (hi, lo)
             p.data = placeholder(p.shape)
