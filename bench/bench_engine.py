@@ -11,7 +11,7 @@ Sections (run them on one warm machine, so the ratios compare like with like):
              the profile's auto), STEPS, SETS (more overrides: "key=value key=value"),
              LOAD_SLOTS=0 (A/B: a fresh device allocation per chunk load, as before round 5),
              SWITCH (A/B: sys.setswitchinterval, seconds), SPLIT_PIECE, GPU_UPDATE_ORDERED=0,
-             GPU_UPDATE_LOOKAHEAD=0|1|2 (A/B knobs of the optimizer's update; the result holds the
+             GPU_UPDATE_LOOKAHEAD=0|1|2, GPU_UPDATE_PIECE (A/B knobs of the optimizer's update; the result holds the
              last two updates' per-chunk timelines)
   p1b        ramgpt streamed engine, 0p1b under the same 5.1 GiB budget; env STEPS, ACC
   p1b_resident  resident PyTorch, 0p1b, no cap (the p1b section's baseline); env MB, STEPS
@@ -327,6 +327,10 @@ def main() -> None:
         from ramgpt.engine import planes
 
         planes.PIECE = int(os.environ["SPLIT_PIECE"])
+    if os.environ.get("GPU_UPDATE_PIECE"):  # A/B: elements per piece of the GPU's share of the update
+        from ramgpt.engine.chunked_adamw import ChunkedAdamW
+
+        ChunkedAdamW.PIECE = int(os.environ["GPU_UPDATE_PIECE"])
     if os.environ.get("GPU_UPDATE_ORDERED") == "0":  # A/B: the GPU's share of AdamW not behind the compute stream
         from ramgpt.engine.chunked_adamw import ChunkedAdamW
 

@@ -10,6 +10,8 @@
 # ab3 (the compile's imports back before its thread, larger start-up split pieces): the shipped
 #   settings, two chunks queued ahead (GPU_UPDATE_LOOKAHEAD=2) at 0.6 and 0.55, at 0.6 with a 1 ms
 #   GIL switch interval (SWITCH), the shipped settings again;
+# ab4 (no tests; the tree of ab3): the shipped settings, the GPU's update not ordered behind the
+#   compute stream (GPU_UPDATE_ORDERED=0), in 8M-element pieces (GPU_UPDATE_PIECE), share 0.65;
 # final: the shipped settings three times.
 set -u
 out=$1
@@ -18,7 +20,7 @@ res=/tmp/round8-res  # packed into $out/res.tgz after every run (the device tool
 mkdir -p "$res"
 log=$out/log-round8-$mode.txt
 . "$(dirname "$0")/gpu_lib.sh"
-run 150 python3 -m pytest -q -p no:cacheprovider tests/test_engine.py
+[ "$mode" = ab4 ] || run 150 python3 -m pytest -q -p no:cacheprovider tests/test_engine.py
 run 45 python3 bench/perf.py ceiling --out "$res"
 pack() { tar -C "$(dirname "$res")" -czf "$out/res.tgz" "$(basename "$res")"; }
 bench() {  # TAG [SETS [VAR=VALUE]]
@@ -45,6 +47,11 @@ elif [ "$mode" = ab3 ]; then
   bench ahead2_g55 "runtime.optimizer_gpu_share=0.55" GPU_UPDATE_LOOKAHEAD=2
   bench ahead2_sw1 "" "GPU_UPDATE_LOOKAHEAD=2 SWITCH=0.001"
   bench shipped2
+elif [ "$mode" = ab4 ]; then
+  bench shipped1
+  bench unordered "" GPU_UPDATE_ORDERED=0
+  bench piece8m "" GPU_UPDATE_PIECE=8388608
+  bench g65 "runtime.optimizer_gpu_share=0.65"
 else
   bench shipped1
   run_estimate
