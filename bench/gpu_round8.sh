@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Round 8 (the optimizer's update window, start-up) in one call:  bash bench/gpu_round8.sh OUTDIR [ab|final]
-# Both: the CUDA engine tests, the plain resident ceiling harness, then `ramgpt train --profile
+# Round 8 (the optimizer's update window, start-up) in one call:  bash bench/gpu_round8.sh OUTDIR MODE
+# MODE ab|ab2|ab3|ab4|final. Each: the CUDA engine tests (first; final runs them last, ab4 not at
+# all), the plain resident ceiling harness, then `ramgpt train --profile
 # rtx3050-6gb` for 8 steps (compiled blocks; every result holds the last two updates' per-chunk
 # timelines and the set-up's phases) and estimate-memory's projection;
 # ab: the shipped settings, the GPU's update queued a chunk ahead (GPU_UPDATE_LOOKAHEAD=1) at the
@@ -12,7 +13,7 @@
 #   GIL switch interval (SWITCH), the shipped settings again;
 # ab4 (no tests; the tree of ab3): the shipped settings, the GPU's update not ordered behind the
 #   compute stream (GPU_UPDATE_ORDERED=0), in 8M-element pieces (GPU_UPDATE_PIECE), share 0.65;
-# final: the shipped settings three times.
+# final (no tests first): the shipped settings twice, estimate-memory, then the CUDA engine tests.
 set -u
 out=$1
 mode=${2:-ab}
@@ -20,7 +21,7 @@ res=/tmp/round8-res  # packed into $out/res.tgz after every run (the device tool
 mkdir -p "$res"
 log=$out/log-round8-$mode.txt
 . "$(dirname "$0")/gpu_lib.sh"
-[ "$mode" = ab4 ] || run 150 python3 -m pytest -q -p no:cacheprovider tests/test_engine.py
+case $mode in ab4|final) ;; *) run 150 python3 -m pytest -q -p no:cacheprovider tests/test_engine.py ;; esac
 run 45 python3 bench/perf.py ceiling --out "$res"
 pack() { tar -C "$(dirname "$res")" -czf "$out/res.tgz" "$(basename "$res")"; }
 bench() {  # TAG [SETS [VAR=VALUE]]
@@ -52,11 +53,11 @@ elif [ "$mode" = ab4 ]; then
   bench unordered "" GPU_UPDATE_ORDERED=0
   bench piece8m "" GPU_UPDATE_PIECE=8388608
   bench g65 "runtime.optimizer_gpu_share=0.65"
-else
+else  # final: the shipped settings twice (the first with an empty compile cache), then the CUDA tests
   bench shipped1
-  run_estimate
   bench shipped2
-  bench shipped3
+  run_estimate
+  run 100 python3 -m pytest -q -p no:cacheprovider tests/test_engine.py
 fi
 pack
 grep -h "^RESULT\|passed\|failed\|Error\|rc=" "$log" | cut -c1-1500
