@@ -96,16 +96,15 @@ class BlockWarmUp(threading.Thread):
     def __init__(self, cfg, device: str, dtype: torch.dtype, seq_len: int, train_seqs: list[int],
                  eval_seqs: list[int] = ()):
         super().__init__(name="ramgpt-compile", daemon=True)
-        # torch.compile's first call imports dynamo (seconds): here, before the thread starts and
-        # before CUDA is initialised (the order of round 8's fastest start-ups). Imported by the
-        # thread, beside the engine's set-up, both took longer (page faults and the GIL: the first
-        # pass began 1-3 s later on the H200 machine)
-        self.body = compiled_block_body()
         dev = torch.device(device)
         if dev.type == "cuda" and dev.index is None:  # "cuda" is this thread's current device; the worker's is 0
             dev = torch.device("cuda", torch.cuda.current_device())
         self.cfg, self.dev, self.dtype, self.seq_len = cfg, dev, dtype, seq_len
         self.train_seqs, self.eval_seqs = sorted(set(train_seqs)), sorted(set(eval_seqs) - set(train_seqs))
+        # torch.compile's first call imports dynamo (1.5 s): here, before the thread starts. Imported by
+        # the thread, beside the engine's set-up, both took longer (page faults and the GIL: the first
+        # pass began 1-3 s later on the H200 machine, round 8)
+        self.body = compiled_block_body()
         self.warning: str | None = None
         self._error: BaseException | None = None
 
