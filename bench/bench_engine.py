@@ -345,10 +345,15 @@ def main() -> None:
     from ramgpt.engine.compiled import BlockWarmUp
 
     BlockWarmUp.TIMINGS = warm = []  # the compile warm-up's marks
+    from ramgpt.engine.streamed import StreamedEngine
+
+    StreamedEngine.TIMINGS = setup = []  # the end of the streamed engine's set-up, step by step
     t_run = time.perf_counter()
     res = SECTIONS[args.section](args.out)
     if warm:  # seconds since this section began (train() starts a moment later)
         res["warm_up_marks"] = [(what, round(t - t_run, 2)) for what, t in warm]
+    if setup:
+        res["setup_marks"] = [(what, round(t - t_run, 2)) for what, t in setup]
     if timelines:  # the last two updates (the steps are warm by then)
         res["update_timelines"] = [{k: v for k, v in t.items() if k != "t0"} for t in timelines[-2:]]
     res["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
