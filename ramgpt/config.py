@@ -350,8 +350,14 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         keys: set = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *anchor": merged by SafeLoader, may be overridden
+                continue
             key = self.construct_object(key_node, deep=deep)
-            if key in keys:
+            try:
+                seen = key in keys
+            except TypeError:  # an unhashable key: SafeLoader's own error says so
+                break
+            if seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"key {key!r} is given twice in one section", key_node.start_mark)
             keys.add(key)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from contextlib import contextmanager
 
 import torch
@@ -257,22 +258,45 @@ class GPT(nn.Module):
 
 @contextmanager
 def _without_default_init():
-    """The layers' own ``reset_parameters``, skipped while a model is built on the meta device:
-    :meth:`GPT.init_weights` sets every tensor anyway, and on the meta device the default init's
-    ``normal_`` goes through torch._refs, whose first call imports torch._dynamo (1.5 s of the
-    main thread's start-up; with compiled blocks the warm-up thread imports it meanwhile)."""
-    saved = {cls: cls.__dict__["reset_parameters"] for cls in (nn.Linear, nn.Embedding, nn.LayerNorm)}
-    for cls in saved:
-        cls.reset_parameters = _skip
+    """The layers' own ``reset_parameters``, skipped in this thread while a model is built on the
+    meta device: :meth:`GPT.init_weights` sets every tensor anyway, and on the meta device the
+    default init's ``normal_`` goes through torch._refs, whose first call imports torch._dynamo
+    (1.5 s of start-up, for nothing where no block is compiled). The classes get a wrapper for the
+    duration that skips only in the threads inside this context; other threads initialise as torch
+    does (nested and concurrent uses share one wrapper, removed when the last one leaves)."""
+    global _skip_depth
+    with _skip_lock:
+        if _skip_depth == 0:
+            for cls in (nn.Linear, nn.Embedding, nn.LayerNorm):
+                _skip_saved[cls] = cls.__dict__["reset_parameters"]
+                cls.reset_parameters = _skipping(_skip_saved[cls])
+        _skip_depth += 1
+    before = getattr(_skip_here, "on", False)
+    _skip_here.on = True
     try:
         yield
     finally:
-        for cls, fn in saved.items():
-            cls.reset_parameters = fn
+        _skip_here.on = before
+        with _skip_lock:
+            _skip_depth -= 1
+            if _skip_depth == 0:
+                for cls, fn in _skip_saved.items():
+                    cls.reset_parameters = fn
+                _skip_saved.clear()
 
 
-def _skip(self) -> None:
-    return None
+_skip_lock = threading.Lock()
+_skip_here = threading.local()
+_skip_saved: dict[type, object] = {}
+_skip_depth = 0
+
+
+def _skipping(original):
+    def reset_parameters(self) -> None:
+        if not getattr(_skip_here, "on", False):
+            original(self)
+
+    return reset_parameters
 
 
 def build_gpt(cfg: ModelConfig, loss_chunk_tokens: int = 2048, device: str | torch.device = "cpu",

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
+import ramgpt.config as config_module
 from ramgpt.config import (
     MICRO_TEST_OVERRIDES,
     Profile,
@@ -384,6 +385,18 @@ def test_a_key_given_twice_is_one_line_error_with_its_line(tmp_path):
     with pytest.raises(ConfigError) as ei:
         load_profile(str(f), use_env=False)
     _one_line_error(ei, "twice.yaml", "line 4", "'seqs_per_pass' is given twice")
+
+
+def test_yaml_merge_keys_still_merge_and_an_unhashable_key_is_a_config_error(tmp_path):
+    f = tmp_path / "merge.yaml"
+    f.write_text("base: &b {seqs_per_pass: 2, stream_window: 3}\nruntime:\n  <<: *b\n  seqs_per_pass: 4\n",
+                 encoding="utf-8")
+    raw = config_module._read_yaml(f)
+    assert raw["runtime"] == {"seqs_per_pass": 4, "stream_window": 3}  # the explicit key overrides the merged one
+    f.write_text("runtime:\n  ? [1, 2]\n  : 3\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as ei:
+        load_profile(str(f), use_env=False)
+    _one_line_error(ei, "merge.yaml", "not valid YAML")
 
 
 def test_yaml_that_is_not_a_mapping_is_a_config_error(tmp_path):

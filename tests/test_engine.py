@@ -659,3 +659,70 @@ def test_planes_split_and_join_exactly() -> None:
     assert torch.all(h[differ].abs() > rne[differ].abs())  # and there away from zero
     assert h[-9:-6].tolist() == [1.0078125, 1.015625, -1.0078125]
     assert planes.works("cpu")
+
+
+@pytest.mark.parametrize("ahead", [0, 1, 2])
+def test_gpu_update_marks_a_chunk_ready_only_once_its_copies_are_done(ahead: int,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU worker's order with ``LOOKAHEAD`` chunks queued ahead (the CUDA work replaced by
+    events that complete when waited for, so this runs without a GPU): chunk i is queued, then at
+    most ``ahead`` more, before its events are waited for; it is ready (and its ``after_chunk`` runs)
+    only after they are done; the last ones are drained; a failure leaves no waiter hanging."""
+    log: list[tuple[str, int]] = []
+
+    class Event:
+        def __init__(self, i: int):
+            self.i, self.done = i, False
+
+        def query(self) -> bool:
+            return self.done
+
+        def synchronize(self) -> None:
+            if not self.done:
+                log.append(("wait", self.i))
+            self.done = True
+
+    events: dict[int, list[Event]] = {}
+    fail_at: list[int] = []
+
+    def fake_step(i, lr, grad_scale, wait=True):
+        if i in fail_at:
+            raise RuntimeError("the device failed")
+        log.append(("queue", i))
+        events[i] = [Event(i), Event(i)]
+        if wait:
+            for ev in events[i]:
+                ev.synchronize()
+        return events[i]
+
+    def after(i: int) -> None:
+        if i in gpu:
+            assert all(ev.done for ev in events[i]), f"chunk {i} finished before its copies"
+            assert not opt.ready[i].is_set()
+        log.append(("ready", i))
+
+    params = [torch.nn.Parameter(torch.randn(3)) for _ in range(6)]
+    opt = ChunkedAdamW(torch.optim.AdamW(params), [[p] for p in params], gpu_chunks=[0, 2, 3, 5], device="cpu")
+    gpu = [0, 2, 3, 5]
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)
+    monkeypatch.setattr(opt, "step_chunk_gpu", fake_step)
+    monkeypatch.setattr(opt, "step_chunk", lambda *a: None)  # the CPU's chunks: not what this test is about
+    opt.LOOKAHEAD = ahead
+    opt.start(1e-3, 1.0, after_chunk=after)
+    opt.wait_all()
+    mine = [e for e in log if e[1] in gpu]
+    assert [i for k, i in mine if k == "queue"] == gpu and [i for k, i in mine if k == "ready"] == gpu
+    for n, i in enumerate(gpu):
+        queued_before = [j for k, j in mine[: mine.index(("ready", i))] if k == "queue"]
+        # queued ahead: the chunks after i that were queued before i was ready
+        assert len(queued_before) - (n + 1) == min(ahead, len(gpu) - n - 1), (i, mine)
+    assert sorted(j for _, j, *_ in opt.timeline) == list(range(6))
+    # a failure in the middle: every waiter is released and the error reaches the caller
+    log.clear()
+    fail_at.append(3)
+    opt.start(1e-3, 1.0, after_chunk=after)
+    for i in range(6):
+        opt.ready[i].wait(timeout=10)
+        assert opt.ready[i].is_set()
+    with pytest.raises(RuntimeError, match="optimizer step failed"):
+        opt.wait_all()

@@ -291,22 +291,41 @@ def test_init_scales_residual_projections():
 
 def test_building_on_the_meta_device_leaves_the_layers_default_init_in_place(monkeypatch) -> None:
     """build_gpt skips nn's default init while it builds on the meta device (init_weights sets every
-    tensor); the layers must have their own reset_parameters back afterwards, also after an error."""
+    tensor), in its own thread only: a layer another thread builds meanwhile is initialised, and the
+    layers have their own reset_parameters back afterwards, also after an error."""
+    import threading
+
     import torch.nn as nn
 
-    from ramgpt.model import build_gpt
-
-    before = {cls: cls.reset_parameters for cls in (nn.Linear, nn.Embedding, nn.LayerNorm)}
-    cfg = ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=32)
-    build_gpt(cfg, materialize=False)
     from ramgpt import model
+
+    calls = []
+    real = nn.Linear.reset_parameters
+
+    def counted(self):
+        calls.append(threading.current_thread().name)
+        real(self)
+
+    monkeypatch.setattr(nn.Linear, "reset_parameters", counted)
+    before = {cls: cls.__dict__["reset_parameters"] for cls in (nn.Linear, nn.Embedding, nn.LayerNorm)}
+    cfg = ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=32)
+    other: list[nn.Linear] = []
+    with model._without_default_init():
+        model.GPT(cfg)  # on the CPU here: the skip is per thread, not per device
+        assert calls == []
+        t = threading.Thread(target=lambda: other.append(nn.Linear(4, 4)), name="other")
+        t.start()
+        t.join()
+    assert calls == ["other"] and other[0].weight.abs().sum() > 0
+    model.build_gpt(cfg, materialize=False)
+    assert calls == ["other"]  # skipped again
 
     def broken(self, *a, **k):
         raise RuntimeError("broken head")
 
     monkeypatch.setattr(model.Head, "__init__", broken)
     with pytest.raises(RuntimeError, match="broken head"):
-        build_gpt(cfg, materialize=False)
-    assert {cls: cls.reset_parameters for cls in before} == before
-    layer = nn.Linear(4, 4)  # and still initialised as torch does
-    assert layer.weight.abs().sum() > 0
+        model.build_gpt(cfg, materialize=False)
+    assert {cls: cls.__dict__["reset_parameters"] for cls in before} == before
+    nn.Linear(4, 4)
+    assert calls == ["other", "MainThread"]  # torch's own init, once the build is over

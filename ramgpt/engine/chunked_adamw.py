@@ -191,6 +191,7 @@ class ChunkedAdamW:
         # ORDERED: the small writes go on the compute stream (the update fills its gaps); else on the
         # first update stream, and nothing orders the update behind the forward (an A/B knob)
         cur = torch.cuda.current_stream(dev) if self.ORDERED else streams[0]
+        # (queued ahead, the previous chunk's kernels may still read it: the same value within an update)
         with torch.cuda.stream(cur):
             g_["gs"].fill_(grad_scale)
         for s in streams:
@@ -312,17 +313,17 @@ class ChunkedAdamW:
         must finish first, e.g. a checkpoint write), the update, then ``after_chunk(i)`` (refresh
         the chunk's compute copy); chunk i is then :meth:`ready`."""
         self.wait_all()
+        t0 = time.perf_counter()
+        timeline: list[tuple[str, int, float, float]] = []  # (side, chunk, began, done) since t0
+        self.timeline, self._waits, self._t0 = timeline, [], t0  # before a loader can wait on this update
         for e in self.ready:
             e.clear()
         gs = torch.tensor(grad_scale, dtype=torch.float32)
         fi = torch.zeros((), dtype=torch.float32)
-        t0 = time.perf_counter()
         ends: list[float] = []
         on_gpu = sorted(self.gpu_chunks)
         on_cpu = [i for i in range(len(self.chunks)) if i not in self.gpu_chunks]
 
-        timeline: list[tuple[str, int, float, float]] = []  # (side, chunk, began, done) since t0
-        self.timeline, self._waits = timeline, []
         if self.TIMELINES is not None:
             self.TIMELINES.append({"chunks": timeline, "waits": self._waits, "t0": t0,
                                    "sizes": [sum(p.numel() for p in c) for c in self.chunks]})
@@ -345,6 +346,8 @@ class ChunkedAdamW:
                     if i not in self.update:
                         self.ready[i].set()
                         continue
+                    while queued and all(ev.query() for ev in queued[0][2]):
+                        finish(*queued.pop(0))  # done already: ready before a gate below can hold it up
                     if before_chunk is not None:
                         before_chunk(i)
                     began = time.perf_counter() - t0
@@ -365,12 +368,15 @@ class ChunkedAdamW:
                 for ev in self.ready:  # never leave a waiter hanging
                     ev.set()
             finally:
-                if gpu and self._gpu is not None:
-                    for stream in self._gpu["streams"]:  # (after an error a piece may still be in flight)
-                        stream.synchronize()
-                    self._gpu.pop("bufs", None)  # every piece is done: free to reuse
-                    self._gpu.pop("bufs16", None)
                 ends.append(time.perf_counter())
+                if gpu and self._gpu is not None:
+                    try:
+                        for stream in self._gpu["streams"]:  # (after an error a piece may still be in flight)
+                            stream.synchronize()
+                    except RuntimeError as e:  # a CUDA error that persists: keep the first one
+                        self.error = self.error or e
+                    self._gpu.pop("bufs", None)  # every piece is done (or the device has failed)
+                    self._gpu.pop("bufs16", None)
 
         self._thread = threading.Thread(target=run, args=(on_cpu, False), name="ramgpt-adamw", daemon=True)
         self._gpu_thread = (threading.Thread(target=run, args=(on_gpu, True), name="ramgpt-adamw-gpu", daemon=True)
