@@ -1,6 +1,6 @@
-# Sourced by the bench/gpu_*.sh scripts after they set $log: records the machine and software
-# at the top of the log, and gives run LIMIT CMD... (the command's output and exit status go to
-# the log; it is stopped after LIMIT seconds).
+# Sourced by the bench/gpu_*.sh scripts after they set $log (and $out, $res): records the machine
+# and software at the top of the log, and gives run LIMIT CMD... (the command's output and exit
+# status go to the log; it is stopped after LIMIT seconds), pack and bench.
 { date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; nproc; df -h /tmp /dev/shm
   python3 -c "import torch, ramtorch; print('torch', torch.__version__, 'ramtorch', ramtorch.__version__)"; } >>"$log" 2>&1
 run() {  # LIMIT CMD...
@@ -18,4 +18,11 @@ run_torchrun1() {  # torchrun with one rank through bench_multi.py (moments on d
 run_estimate() {  # estimate-memory's projection for rtx3050-6gb on this machine, as JSON
   timeout 25 python3 -m ramgpt estimate-memory --profile rtx3050-6gb --json >"$res/estimate-rtx3050.json" 2>>"$log"
   echo "estimate rc=$?" >>"$log"
+}
+pack() {  # $res into $out/res.tgz (the device tool brings back only a few files)
+  tar -C "$(dirname "$res")" -czf "$out/res.tgz" "$(basename "$res")"
+}
+bench() {  # TAG [SETS [VAR=VALUE ...]]: `ramgpt train --profile rtx3050-6gb` 8 steps through bench_engine.py, then pack
+  run 85 env SPP=16 STEPS=8 ${3:-} SETS="${2:-}" python3 bench/bench_engine.py streamed --out "$res" --tag="_$1"
+  pack
 }

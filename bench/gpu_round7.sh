@@ -18,11 +18,6 @@ log=$out/log-round7-$mode.txt
 run 120 python3 -m pytest -q -p no:cacheprovider tests/test_engine.py
 [ "$mode" = ab2 ] || run 90 python3 -m pytest -q -p no:cacheprovider tests/test_train.py -k compile
 run 45 python3 bench/perf.py ceiling --out "$res"
-pack() { tar -C "$(dirname "$res")" -czf "$out/res.tgz" "$(basename "$res")"; }
-bench() {  # TAG [SETS [VAR=VALUE]]
-  run 80 env SPP=16 STEPS=8 ${3:-} SETS="${2:-}" python3 bench/bench_engine.py streamed --out "$res" --tag="_$1"
-  pack
-}
 if [ "$mode" = ab ]; then  # the first call: every chunk split (split_masters: true then) against none
   for i in 1 2; do
     bench split$i "runtime.split_masters=true"

@@ -23,11 +23,6 @@ log=$out/log-round8-$mode.txt
 . "$(dirname "$0")/gpu_lib.sh"
 case $mode in ab4|final) ;; *) run 150 python3 -m pytest -q -p no:cacheprovider tests/test_engine.py ;; esac
 run 45 python3 bench/perf.py ceiling --out "$res"
-pack() { tar -C "$(dirname "$res")" -czf "$out/res.tgz" "$(basename "$res")"; }
-bench() {  # TAG [SETS [VAR=VALUE]]
-  run 85 env SPP=16 STEPS=8 ${3:-} SETS="${2:-}" python3 bench/bench_engine.py streamed --out "$res" --tag="_$1"
-  pack
-}
 if [ "$mode" = ab ]; then
   bench shipped1
   bench look7 "" GPU_UPDATE_LOOKAHEAD=1
