@@ -161,11 +161,11 @@ class ChunkedAdamW:
         return out
 
     @torch.no_grad()
-    def step_chunk_gpu(self, i: int, lr: float, grad_scale: float, wait: bool = True) -> list[torch.cuda.Event]:
+    def step_chunk_gpu(self, i: int, lr: float, grad_scale: float) -> list[torch.cuda.Event]:
         """Chunk ``i`` through the GPU: per piece, masters, gradients and moments H2D, fused AdamW
         there, masters and moments D2H; pieces alternate between two streams and scratch sets.
-        Returns when the host memory holds the result; with ``wait=False`` at once, with the events
-        that complete when it does (the next chunk's pieces queue behind this one's, no drain between).
+        Returns at once, with the events that complete when the host memory holds the result (the
+        worker queues up to ``LOOKAHEAD`` more chunks behind this one before it waits for them).
 
         The scale and each step counter are written on this thread's current stream, the compute
         stream, and both streams wait for it per parameter: the update then fills the compute
@@ -240,9 +240,6 @@ class ChunkedAdamW:
             ev = torch.cuda.Event()
             ev.record(s)
             done.append(ev)
-        if wait:
-            for ev in done:
-                ev.synchronize()
         return done
 
     @torch.no_grad()
@@ -330,7 +327,7 @@ class ChunkedAdamW:
 
         def run(mine: list[int], gpu: bool) -> None:
             side = "gpu" if gpu else "cpu"
-            queued: list[tuple[int, float, list]] = []  # LOOKAHEAD: the GPU's chunks in flight, oldest first
+            queued: list[tuple[int, float, list]] = []  # the GPU's chunks in flight, oldest first
 
             def finish(j: int, began: float, events: list) -> None:
                 for ev in events:
@@ -351,16 +348,13 @@ class ChunkedAdamW:
                     if before_chunk is not None:
                         before_chunk(i)
                     began = time.perf_counter() - t0
-                    if gpu and self.LOOKAHEAD > 0:
-                        queued.append((i, began, self.step_chunk_gpu(i, lr, grad_scale, wait=False)))
+                    if gpu:  # queued; finished once more than LOOKAHEAD chunks are in flight behind it
+                        queued.append((i, began, self.step_chunk_gpu(i, lr, grad_scale)))
                         if len(queued) > self.LOOKAHEAD:
                             finish(*queued.pop(0))
-                        continue
-                    if gpu:
-                        self.step_chunk_gpu(i, lr, grad_scale)
                     else:
                         self.step_chunk(i, lr, gs, fi)
-                    finish(i, began, [])
+                        finish(i, began, [])
                 while queued:
                     finish(*queued.pop(0))
             except BaseException as e:  # noqa: BLE001 - re-raised on the training thread

@@ -104,13 +104,9 @@ class MasterPlanes:
     def convert_chunks(self, chunks: list[list[nn.Parameter]], flat: torch.Tensor, workers: int | None = None) -> None:
         """:meth:`convert_chunk` for each chunk, ``workers`` chunks at a time (threads; torch releases
         the GIL), each thread with its own scratch, reused chunk to chunk."""
-        workers = max(1, min(len(chunks), workers or CONVERT_WORKERS))
-        if workers == 1:
-            scratch = [torch.empty(0, dtype=torch.uint8)]
-            for c in chunks:
-                self.convert_chunk(c, flat, scratch)
-            return
         from concurrent.futures import ThreadPoolExecutor
+
+        workers = max(1, min(len(chunks), workers or CONVERT_WORKERS))
 
         local = threading.local()
 
