@@ -610,6 +610,25 @@ def _probe_compile(ctx: _Ctx) -> list[CheckResult]:
                         "on an H200 (docs/benchmarks.md)", group="packages")]
 
 
+def _probe_bytecode(ctx: _Ctx) -> list[CheckResult]:
+    """Does torch load from cached bytecode? Without it every start compiles torch's sources (and
+    torch.compile's, sympy's) again: on an H200 machine whose image wrote none, the set-up took 5-8 s
+    longer before the first pass (docs/benchmarks.md, round 9)."""
+    b = (ctx.torch_info().get("torch") or {}).get("bytecode")
+    if not b:  # torch does not import (its own row says so), or an older child
+        return []
+    if b.get("cached"):
+        where = f" (under {b['prefix']})" if b.get("prefix") else ""
+        return [CheckResult("bytecode", "ok", f"torch loads from cached bytecode{where}", group="packages")]
+    why = ("Python writes no bytecode here (PYTHONDONTWRITEBYTECODE or -B)" if not b.get("writes")
+           else "torch's directory takes no bytecode (read-only?)")
+    return [CheckResult("bytecode", "warn",
+                        f"torch has no cached bytecode and {why}: every start compiles torch's sources again "
+                        "(5-8 s more before the first pass, measured on an H200 machine)",
+                        "unset PYTHONDONTWRITEBYTECODE, or set PYTHONPYCACHEPREFIX to a writable directory "
+                        "(e.g. ~/.cache/pycache)", group="packages")]
+
+
 def _probe_profile(ctx: _Ctx) -> list[CheckResult]:
     if ctx.profile is None:
         return []
@@ -735,6 +754,7 @@ def _probes() -> list[tuple[str, Callable[[_Ctx], CheckResult | list[CheckResult
         ("limits", "_probe_limits"),
         ("packages", "_probe_packages"),
         ("compiled blocks", "_probe_compile"),
+        ("bytecode", "_probe_bytecode"),
         ("tokens", "_probe_tokens"),
         ("Hub reachable", "_probe_hub"),
         ("profile", "_probe_profile"),

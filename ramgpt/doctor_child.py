@@ -18,7 +18,9 @@ from the imported packages. Every failure is caught and reported in the JSON.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
+import os
 import sys
 from typing import Any
 
@@ -43,6 +45,14 @@ def _version_of(name: str, mod: Any) -> str:
     return str(v)
 
 
+def bytecode_cached(module: Any) -> dict[str, Any]:
+    """Whether ``module``'s source loads from cached bytecode (where this interpreter looks for it:
+    ``__pycache__`` beside the file, or under ``PYTHONPYCACHEPREFIX``), and whether Python writes it."""
+    path = getattr(module, "__file__", None) or ""
+    cached = bool(path.endswith(".py")) and os.path.exists(importlib.util.cache_from_source(path))
+    return {"cached": cached, "writes": not sys.dont_write_bytecode, "prefix": sys.pycache_prefix}
+
+
 def probe_torch(pin_bytes: int, matmul: tuple[int, int, int] | None) -> tuple[dict[str, Any] | None, dict[str, Any]]:
     """(the ``torch`` section, torch's package row). The section is None when torch does not import."""
     try:
@@ -51,7 +61,8 @@ def probe_torch(pin_bytes: int, matmul: tuple[int, int, int] | None) -> tuple[di
         return None, {"ok": False, "error": _err(e)}
     from ramgpt import probe
 
-    t: dict[str, Any] = {"version": torch.__version__, "cuda_build": torch.version.cuda, "cuda": False}
+    t: dict[str, Any] = {"version": torch.__version__, "cuda_build": torch.version.cuda, "cuda": False,
+                         "bytecode": bytecode_cached(torch)}
     try:
         t["cuda"] = bool(torch.cuda.is_available())
         if t["cuda"]:

@@ -31,9 +31,11 @@ def secrets(monkeypatch):
 class _FakeChild:
     """Canned torch/CUDA/import results, so the fast tests start no process."""
 
-    def __init__(self, pin_bytes: int, matmul=None, cuda: bool = False, broken: tuple[str, ...] = (), tflops=None):
+    def __init__(self, pin_bytes: int, matmul=None, cuda: bool = False, broken: tuple[str, ...] = (), tflops=None,
+                 bytecode=None):
         self.matmul = matmul
-        torch = {"version": "2.99.0", "cuda_build": "12.6" if cuda else None, "cuda": cuda}
+        torch = {"version": "2.99.0", "cuda_build": "12.6" if cuda else None, "cuda": cuda,
+                 "bytecode": bytecode or {"cached": True, "writes": True, "prefix": None}}
         if cuda:
             torch.update(
                 name="NVIDIA GeForce RTX 3050",
@@ -248,6 +250,23 @@ def test_compiled_blocks_row_says_whether_triton_imports_on_a_gpu(monkeypatch):
     assert "triton" not in [r.name for r in results]  # not a package row of its own
     _fake(monkeypatch, broken=("triton",))  # no GPU: the blocks would not compile anyway
     assert "compiled blocks" not in [r.name for r in D.run_doctor(None)]
+
+
+def test_bytecode_row_warns_where_torch_compiles_its_sources_at_every_start(monkeypatch):
+    _fake(monkeypatch)
+    row = _check(D.run_doctor(None), "bytecode")
+    assert row.status == "ok" and "cached bytecode" in row.message
+    _fake(monkeypatch, bytecode={"cached": True, "writes": True, "prefix": "/tmp/pyc"})
+    assert "under /tmp/pyc" in _check(D.run_doctor(None), "bytecode").message
+    _fake(monkeypatch, bytecode={"cached": False, "writes": False, "prefix": None})
+    results = D.run_doctor(None)
+    row = _check(results, "bytecode")
+    assert row.status == "warn" and "PYTHONDONTWRITEBYTECODE" in row.message and "PYTHONPYCACHEPREFIX" in row.remedy
+    assert not D.blocking_failures(results)
+    _fake(monkeypatch, bytecode={"cached": False, "writes": True, "prefix": None})
+    assert "read-only" in _check(D.run_doctor(None), "bytecode").message
+    _fake(monkeypatch, broken=("torch",))  # no torch: its own row says so, no bytecode row
+    assert "bytecode" not in [r.name for r in D.run_doctor(None)]
 
 
 def test_child_crash_is_reported(monkeypatch):

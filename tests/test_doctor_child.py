@@ -34,6 +34,26 @@ def test_packages_ok_and_broken(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert out["packages"]["ramgpt_exits_on_import"] == {"ok": False, "error": "SystemExit: refusing to load"}
 
 
+@pytest.mark.parametrize("writes", [False, True])
+def test_bytecode_cached_says_whether_a_module_loaded_from_bytecode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   writes: bool):
+    import importlib
+
+    name = f"ramgpt_bytecode_probe_{int(writes)}"
+    (tmp_path / f"{name}.py").write_text("X = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(sys, "pycache_prefix", str(tmp_path / "pycache"))  # where this import looks and writes
+    monkeypatch.setattr(sys, "dont_write_bytecode", not writes)
+    importlib.invalidate_caches()
+    mod = importlib.import_module(name)
+    try:
+        got = C.bytecode_cached(mod)
+    finally:
+        sys.modules.pop(name, None)
+    assert got == {"cached": writes, "writes": writes, "prefix": str(tmp_path / "pycache")}
+    assert (tmp_path / "__pycache__").exists() is False  # the prefix, not beside the file
+
+
 def test_torch_section_and_a_cpu_matmul():
     import torch
 
@@ -47,6 +67,7 @@ def test_torch_section_and_a_cpu_matmul():
         assert tuple(mm["shape"]) == (1024, 32, 64)  # capped on the CPU (ramgpt.memory.report.CPU_MATMUL_CAP)
         assert "pin_ok" not in t  # nothing to pin for
     assert t["adamw"]["params_per_s"] > 0 and t["adamw"]["threads"] == torch.get_num_threads()
+    assert t["bytecode"] == C.bytecode_cached(torch)
 
 
 @pytest.mark.slow
