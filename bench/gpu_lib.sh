@@ -1,6 +1,10 @@
 # Sourced by the bench/gpu_*.sh scripts after they set $log (and $out, $res): records the machine
 # and software at the top of the log, and gives run LIMIT CMD... (the command's output and exit
 # status go to the log; it is stopped after LIMIT seconds), pack and bench.
+# The device image writes no bytecode (PYTHONDONTWRITEBYTECODE; torch has no __pycache__), so every
+# process compiled torch's sources again: 5-8 s of each start-up before round 9. Cached under /tmp
+# from the first process on, as a pip install would have written it (docs/benchmarks.md, round 9).
+export PYTHONPYCACHEPREFIX=${PYTHONPYCACHEPREFIX:-/tmp/pycache} PYTHONDONTWRITEBYTECODE=
 { date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; nproc; df -h /tmp /dev/shm
   python3 -c "import torch, ramtorch; print('torch', torch.__version__, 'ramtorch', ramtorch.__version__)"; } >>"$log" 2>&1
 run() {  # LIMIT CMD...
