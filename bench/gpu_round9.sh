@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Round 9 (the update's share and threads, where start-up goes) in one call:  bash bench/gpu_round9.sh OUTDIR MODE
-# MODE a|b|c. a: the start-up probe twice (bench/startup_probe.py; the second with -X importtime,
+# MODE a|b|c|d. a: the start-up probe twice (bench/startup_probe.py; the second with -X importtime,
 #   its 30 slowest imports kept), the CUDA engine tests on this tree, the plain resident ceiling,
 #   then `ramgpt train --profile rtx3050-6gb` 8 steps: the shipped settings, share 0.5 with 8 and
 #   with 12 CPU threads (runtime.threads), share 0.45, the shipped settings again, the GPU's update
 #   not ordered behind the compute stream (GPU_UPDATE_ORDERED=0); estimate-memory's projection.
+# d: the CUDA engine tests, the ceiling, the shipped settings, the CPU taking the last 3, 2 and 4
+#   of the GPU's chunks (runtime.optimizer_cpu_takes), the shipped settings again.
 # c (bytecode cached as in b; this call ran on b's machine, its caches warm): the ceiling, the shipped settings, 8 CPU threads at shares 0.6,
 #   0.55 and 0.5, the shipped settings again.
 # b: whether the image caches bytecode, then with it cached under /tmp (PYTHONPYCACHEPREFIX, as a
@@ -34,6 +36,14 @@ if [ "$mode" = a ]; then
   bench shipped2
   run_estimate
   bench unordered "" GPU_UPDATE_ORDERED=0
+elif [ "$mode" = d ]; then
+  run 120 python3 -m pytest -q -p no:cacheprovider tests/test_engine.py
+  run 45 python3 bench/perf.py ceiling --out "$res"
+  bench shipped1
+  bench takes3 "runtime.optimizer_cpu_takes=3"
+  bench takes2 "runtime.optimizer_cpu_takes=2"
+  bench takes4 "runtime.optimizer_cpu_takes=4"
+  bench shipped2
 elif [ "$mode" = c ]; then
   run 60 python3 bench/startup_probe.py "$res/startup.json"
   run 45 python3 bench/perf.py ceiling --out "$res"
