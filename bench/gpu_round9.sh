@@ -5,7 +5,8 @@
 #   then `ramgpt train --profile rtx3050-6gb` 8 steps: the shipped settings, share 0.5 with 8 and
 #   with 12 CPU threads (runtime.threads), share 0.45, the shipped settings again, the GPU's update
 #   not ordered behind the compute stream (GPU_UPDATE_ORDERED=0); estimate-memory's projection.
-# d: the CUDA engine tests, the ceiling, the shipped settings, the CPU taking the last 3, 2 and 4
+# d (at 2cf4c72, whose runtime.optimizer_cpu_takes was reverted after it): the CUDA engine tests,
+#   the ceiling, the shipped settings, the CPU taking the last 3, 2 and 4
 #   of the GPU's chunks (runtime.optimizer_cpu_takes), the shipped settings again.
 # c (bytecode cached as in b; this call ran on b's machine, its caches warm): the ceiling, the shipped settings, 8 CPU threads at shares 0.6,
 #   0.55 and 0.5, the shipped settings again.

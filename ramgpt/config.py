@@ -219,14 +219,6 @@ class RuntimeConfig(_Section):
         "AdamW), so less of the update shows between steps; 0: all on the CPU. Not with the low-RAM mode, "
         "grad_accum=host or several GPUs.",
     )
-    optimizer_cpu_takes: int = Field(
-        0,
-        ge=0,
-        description="Streamed engine with a GPU share: of the chunks in runtime.optimizer_gpu_share, the CPU updates the "
-        "last this many itself (their split masters joined and split on the CPU, which is slower per parameter than "
-        "whole masters), so both sides of the update finish closer together while those chunks still load as bf16 "
-        "halves. 0: the GPU updates all of its share.",
-    )
     host_bf16_copies: bool = Field(
         False,
         description="Streamed engine: keep page-locked bf16 copies of the weights (2 bytes per parameter of RAM, "

@@ -555,8 +555,7 @@ def test_chunks_kept_on_the_device_compute_with_each_steps_updated_weights(devic
 @pytest.mark.parametrize(("device", "which"), [("cpu", "all"), pytest.param("cuda", "all", marks=CUDA.marks),
                                                pytest.param("cuda", "gpu", marks=CUDA.marks),
                                                pytest.param("cuda", "gpu-drained", marks=CUDA.marks),
-                                               pytest.param("cuda", "gpu-ahead2", marks=CUDA.marks),
-                                               pytest.param("cuda", "gpu-takes1", marks=CUDA.marks)])
+                                               pytest.param("cuda", "gpu-ahead2", marks=CUDA.marks)])
 def test_split_masters_update_the_same_fp32_weights(device: str, which: str, monkeypatch: pytest.MonkeyPatch,
                                                     tmp_path) -> None:
     """``split_masters`` keeps the fp32 masters as two 16-bit planes; AdamW joins them, updates and
@@ -575,19 +574,12 @@ def test_split_masters_update_the_same_fp32_weights(device: str, which: str, mon
     base = GPT(cfg)
     kw = dict(device=device, precision="bf16", optim_cfg=optim, seqs_per_pass=2, window=2, optimizer_gpu_share=0.5,
               grad_accum="device" if device == "cuda" else "host")
-    # the GPU's chunks queued ahead of the one it waits for: "-drained" none, "-ahead2" two (whole: one);
-    # "-takes1": the CPU updates the last chunk of the GPU's share in both engines (split: joined there)
+    # the GPU's chunks queued ahead of the one it waits for: "-drained" none, "-ahead2" two (whole: one)
     which, _, ahead = which.partition("-")
-    if ahead == "takes1":
-        kw["optimizer_cpu_takes"] = 1
     whole = StreamedEngine(copy.deepcopy(base), **kw)
     split = StreamedEngine(copy.deepcopy(base), split_masters=which, **kw)
     assert whole.adamw.LOOKAHEAD == 1
-    split.adamw.LOOKAHEAD = {"": 1, "drained": 0, "ahead2": 2, "takes1": 1}[ahead]
-    if ahead == "takes1":
-        taken = max(split.adamw.gpu_chunks)
-        assert split.adamw.gpu_updates == split.adamw.gpu_chunks - {taken}
-        assert all(p in split.planes for p in split.adamw.chunks[taken])  # the CPU joins and splits it
+    split.adamw.LOOKAHEAD = {"": 1, "drained": 0, "ahead2": 2}[ahead]
     gen = torch.Generator().manual_seed(int(torch.randint(0, 10_000, ()).item()))
     try:
         assert split.planes is not None and whole.planes is None
@@ -667,74 +659,6 @@ def test_planes_split_and_join_exactly() -> None:
     assert torch.all(h[differ].abs() > rne[differ].abs())  # and there away from zero
     assert h[-9:-6].tolist() == [1.0078125, 1.015625, -1.0078125]
     assert planes.works("cpu")
-
-
-@pytest.mark.parametrize("takes", [0, 2, 9])
-def test_the_cpu_takes_the_last_chunks_of_the_gpus_share(takes: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """``cpu_takes``: the GPU's worker queues its share less the last ``takes`` chunks, which the CPU
-    updates (split masters joined and split there) to the same values as torch's AdamW; more than the
-    share leaves the GPU nothing and starts no GPU worker."""
-    from ramgpt.engine import planes as pl
-
-    monkeypatch.setattr(pl, "PIECE", 5)  # pieces that cut the tensors
-    gen = torch.Generator().manual_seed(int(torch.randint(0, 10_000, ()).item()))
-    params = [torch.nn.Parameter(torch.randn(7, generator=gen)) for _ in range(6)]
-    ref = [torch.nn.Parameter(p.detach().clone()) for p in params]
-    gpu = [0, 2, 3, 5]
-    # the GPU's chunks are split, as runtime.split_masters: auto keeps them
-    flat = torch.zeros(sum(pl._slot(p.numel()) for p in params), dtype=torch.uint8)
-    off = 0
-    for p in params:
-        view = flat[off : off + 4 * p.numel()].view(torch.float32)
-        view.copy_(p.data)
-        p.data = view
-        off += pl._slot(p.numel())
-    planes = pl.MasterPlanes()
-    # (each chunk's slots back to back; chunk i is params[i] alone)
-    for i in gpu:
-        start = sum(pl._slot(q.numel()) for q in params[:i])
-        planes.convert_chunk([params[i]], flat[start:])
-    kwargs = dict(lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, eps=1e-8)
-    opt = ChunkedAdamW(torch.optim.AdamW(params, **kwargs), [[p] for p in params], gpu_chunks=gpu, device="cpu",
-                       planes=planes, cpu_takes=takes)
-    opt.gpu_moments_ready.set()  # the GPU's moments: plain tensors here
-    assert opt.gpu_updates == set(gpu[: max(0, len(gpu) - takes)])
-    queued: list[int] = []
-
-    class Done:
-        def query(self) -> bool:
-            return True
-
-        def synchronize(self) -> None:
-            pass
-
-    def fake_gpu(i, lr, grad_scale):
-        queued.append(i)
-        return [Done()]
-
-    monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)
-    monkeypatch.setattr(opt, "step_chunk_gpu", fake_gpu)
-    torch_opt = torch.optim.AdamW(ref, fused=True, **kwargs)
-    for _ in range(2):
-        for p, r in zip(params, ref):
-            r.grad = torch.randn(7, generator=gen)
-            p.grad = r.grad.clone()
-        opt.start(1e-2, 1.0, after_chunk=lambda i: None)
-        started_gpu = opt._gpu_thread is not None
-        opt.wait_all()
-        torch_opt.step()
-        assert started_gpu == bool(opt.gpu_updates)
-        sides = {i: side for side, i, *_ in opt.timeline}
-        assert [i for i in range(6) if sides[i] == "gpu"] == sorted(opt.gpu_updates)
-        for i, (p, r) in enumerate(zip(params, ref)):
-            if i in opt.gpu_updates:
-                continue  # (the fake GPU update leaves them)
-            got = planes.read(p) if p in planes else p.detach()
-            assert torch.equal(got, r.detach()), i
-            assert torch.equal(opt.opt.state[p]["exp_avg_sq"], torch_opt.state[r]["exp_avg_sq"]), i
-    assert queued == sorted(opt.gpu_updates) * 2
-    with pytest.raises(ValueError, match="cpu_takes"):
-        ChunkedAdamW(torch.optim.AdamW(params), [[p] for p in params], cpu_takes=-1)
 
 
 @pytest.mark.parametrize("ahead", [0, 1, 2])

@@ -40,7 +40,6 @@ def build_engine(model: GPT, placement: Placement, optim: Any, runtime: Any, scr
                               pin=runtime.stream_pin, vram_budget_b=placement.vram_budget_b,
                               grad_accum=placement.grad_accum, moments_file=_moments_file(runtime, scratch_dir),
                               comm=comm, optimizer_gpu_share=runtime.optimizer_gpu_share,
-                              optimizer_cpu_takes=runtime.optimizer_cpu_takes,
                               host_bf16_copies=runtime.host_bf16_copies, compile_blocks=placement.compile_blocks,
                               split_masters=placement.split_masters, on_phase=on_phase)
     return ResidentEngine(model, device=placement.device, precision=placement.precision, optim_cfg=optim,

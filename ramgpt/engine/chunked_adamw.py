@@ -66,17 +66,14 @@ class ChunkedAdamW:
     def __init__(self, optimizer: torch.optim.AdamW, chunks: Sequence[Sequence[nn.Parameter]],
                  moments: FileArena | None = None, update: Sequence[int] | None = None,
                  gpu_chunks: Sequence[int] = (), device: str | None = None, gpu_moments: HostArena | None = None,
-                 planes: pl.MasterPlanes | None = None, cpu_takes: int = 0):
+                 planes: pl.MasterPlanes | None = None):
         """``chunks[i]``: the parameters chunk ``i`` owns (each parameter in exactly one chunk).
         ``moments``: keep the AdamW moments in this memory-mapped file (the low-RAM mode): each
         chunk's are paged in ahead of its update and handed back to the OS right after.
         ``gpu_chunks``: the chunks the GPU ``device`` updates; their parameters' moments go to
         ``gpu_moments`` (page-locked; the masters and gradients must be page-locked too).
         ``planes``: the masters are split into 16-bit planes (:mod:`.planes`): each piece is joined
-        into fp32 scratch, updated by the same kernel, and split back (the same fp32 arithmetic).
-        ``cpu_takes``: of ``gpu_chunks``, the CPU updates the last this many itself (their state stays
-        where the GPU's share keeps it; split masters are joined and split on the CPU): the CPU's side
-        of the update otherwise finishes well before the GPU's (``runtime.optimizer_cpu_takes``)."""
+        into fp32 scratch, updated by the same kernel, and split back (the same fp32 arithmetic)."""
         self.opt = optimizer
         self.planes = planes
         self._cpu_scratch: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -89,10 +86,6 @@ class ChunkedAdamW:
         if sorted(owned) != sorted(self.group_of) or len(set(owned)) != len(owned):
             raise ValueError("every optimizer parameter must belong to exactly one chunk")
         self.gpu_chunks = set(gpu_chunks) & self.update
-        if cpu_takes < 0:
-            raise ValueError(f"cpu_takes must be >= 0, got {cpu_takes}")
-        # the chunks the GPU's worker updates: the GPU's share less the last ``cpu_takes`` of it
-        self.gpu_updates = set(sorted(self.gpu_chunks)[: max(0, len(self.gpu_chunks) - cpu_takes)])
         self.gpu_moments = gpu_moments
         self.gpu_moments_ready = threading.Event()  # set by whoever provides gpu_moments
         if gpu_moments is not None or not self.gpu_chunks:
@@ -325,8 +318,8 @@ class ChunkedAdamW:
         gs = torch.tensor(grad_scale, dtype=torch.float32)
         fi = torch.zeros((), dtype=torch.float32)
         ends: list[float] = []
-        on_gpu = sorted(self.gpu_updates)
-        on_cpu = [i for i in range(len(self.chunks)) if i not in self.gpu_updates]
+        on_gpu = sorted(self.gpu_chunks)
+        on_cpu = [i for i in range(len(self.chunks)) if i not in self.gpu_chunks]
 
         if self.TIMELINES is not None:
             self.TIMELINES.append({"chunks": timeline, "waits": self._waits, "t0": t0,

@@ -176,14 +176,13 @@ class StreamedEngine(Engine):
     def __init__(self, model: GPT, *, device: str, precision: str, optim_cfg, seqs_per_pass: int,
                  window: int = 3, pin: int = 0, vram_budget_b: int | None = None, grad_accum: str = "host",
                  moments_file: Path | None = None, comm: Comm | None = None, optimizer_gpu_share: float = 0.0,
-                 optimizer_cpu_takes: int = 0, host_bf16_copies: bool = False, compile_blocks: bool = False,
+                 host_bf16_copies: bool = False, compile_blocks: bool = False,
                  split_masters: str | Sequence[int] = "none", on_phase: Callable[[str], None] | None = None):
         """``moments_file``: the low-RAM mode (``runtime.optimizer_on_disk``): AdamW's moments live in
         this memory-mapped file (removed on close) instead of RAM. ``comm``: one of several ranks
         (:mod:`ramgpt.dist`): the state is shared by the node's ranks and each chunk updated by its owner.
         ``optimizer_gpu_share``: the share of the parameters whose update the GPU does (one process on
-        CUDA with ``grad_accum=device``, moments in RAM; otherwise the CPU updates everything), of which
-        the CPU takes the last ``optimizer_cpu_takes`` chunks (:class:`ChunkedAdamW`'s ``cpu_takes``).
+        CUDA with ``grad_accum=device``, moments in RAM; otherwise the CPU updates everything).
         ``host_bf16_copies``: keep page-locked bf16 copies of the chunks for the GPU to load (one
         process; the default loads the fp32 masters and casts them on the GPU). ``compile_blocks``:
         the blocks run through one compiled graph (:mod:`.compiled`), compiled by :meth:`warm_up`.
@@ -367,8 +366,7 @@ class StreamedEngine(Engine):
             self.moments = FileArena(moments_file, sum(per))
         self.adamw = ChunkedAdamW(self.optimizer, self._owned, self.moments,
                                   update=[i for i, m in enumerate(self._mine) if m], gpu_chunks=gpu_chunks,
-                                  device=device if gpu_chunks else None, planes=self.planes,
-                                  cpu_takes=optimizer_cpu_takes)
+                                  device=device if gpu_chunks else None, planes=self.planes)
         if gpu_chunks:
             # their moments live page-locked; locking 3.5 GB takes seconds, which the first pass hides
             nbytes = sum(2 * aligned(p.numel() * 4) for i in gpu_chunks for p in self._owned[i])
