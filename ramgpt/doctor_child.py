@@ -47,9 +47,10 @@ def _version_of(name: str, mod: Any) -> str:
 
 def bytecode_cached(module: Any) -> dict[str, Any]:
     """Whether ``module``'s source loads from cached bytecode (where this interpreter looks for it:
-    ``__pycache__`` beside the file, or under ``PYTHONPYCACHEPREFIX``), and whether Python writes it."""
+    ``__pycache__`` beside the file, or under ``PYTHONPYCACHEPREFIX``; an install of bytecode only is
+    cached), and whether Python writes it."""
     path = getattr(module, "__file__", None) or ""
-    cached = bool(path.endswith(".py")) and os.path.exists(importlib.util.cache_from_source(path))
+    cached = path.endswith(".pyc") or (path.endswith(".py") and os.path.exists(importlib.util.cache_from_source(path)))
     return {"cached": cached, "writes": not sys.dont_write_bytecode, "prefix": sys.pycache_prefix}
 
 

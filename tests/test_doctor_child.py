@@ -52,6 +52,8 @@ def test_bytecode_cached_says_whether_a_module_loaded_from_bytecode(tmp_path: Pa
         sys.modules.pop(name, None)
     assert got == {"cached": writes, "writes": writes, "prefix": str(tmp_path / "pycache")}
     assert (tmp_path / "__pycache__").exists() is False  # the prefix, not beside the file
+    sourceless = type("M", (), {"__file__": str(tmp_path / "only.pyc")})
+    assert C.bytecode_cached(sourceless)["cached"] is True
 
 
 def test_torch_section_and_a_cpu_matmul():
