@@ -375,7 +375,7 @@ class ChunkedAdamW:
         self._thread = threading.Thread(target=run, args=(on_cpu, False), name="ramgpt-adamw", daemon=True)
         self._gpu_thread = (threading.Thread(target=run, args=(on_gpu, True), name="ramgpt-adamw-gpu", daemon=True)
                             if on_gpu else None)
-        self._t0, self._ends = t0, ends
+        self._ends = ends
         self._thread.start()
         if self._gpu_thread is not None:
             self._gpu_thread.start()

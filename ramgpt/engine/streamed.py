@@ -523,9 +523,10 @@ class StreamedEngine(Engine):
         finally:
             if self.cuda:
                 torch.cuda.empty_cache()  # the warm-up's activations: give the cap's room back to training
-            # the compiler's garbage back to the OS before the optimizer's state is first touched (RSS
-            # peaked 0.34 GiB higher in runs that compiled with an empty cache, round 8; whether this
-            # lowers it is not measured)
+            # the compiler's garbage back to the OS before the optimizer's state is first touched. Runs
+            # that compiled with an empty cache peaked 0.3 GiB higher in RSS; with this they still did
+            # (18.26-18.31 GiB, rounds 8-9, against 18.27 without): no measured effect, kept only
+            # because the GPU tests ran with it
             gc.collect()
             release_freed_heap()
         if warning is not None:
