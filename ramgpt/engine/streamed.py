@@ -525,8 +525,8 @@ class StreamedEngine(Engine):
                 torch.cuda.empty_cache()  # the warm-up's activations: give the cap's room back to training
             # the compiler's garbage back to the OS before the optimizer's state is first touched. Runs
             # that compiled with an empty cache peaked 0.3 GiB higher in RSS; with this they still did
-            # (18.26-18.31 GiB, rounds 8-9, against 18.27 without): no measured effect, kept only
-            # because the GPU tests ran with it
+            # (18.26-18.31 GiB, rounds 8-9, against 18.27 without): no measured effect, a candidate
+            # for removal
             gc.collect()
             release_freed_heap()
         if warning is not None:
