@@ -552,7 +552,8 @@ def test_chunks_kept_on_the_device_compute_with_each_steps_updated_weights(devic
         stm.close()
 
 
-@pytest.mark.parametrize(("device", "which"), [("cpu", "all"), pytest.param("cuda", "all", marks=CUDA.marks),
+@pytest.mark.parametrize(("device", "which"), [("cpu", "all"), ("cpu", "all-torch"),
+                                               pytest.param("cuda", "all", marks=CUDA.marks),
                                                pytest.param("cuda", "gpu", marks=CUDA.marks),
                                                pytest.param("cuda", "gpu-drained", marks=CUDA.marks),
                                                pytest.param("cuda", "gpu-ahead2", marks=CUDA.marks)])
@@ -561,9 +562,10 @@ def test_split_masters_update_the_same_fp32_weights(device: str, which: str, mon
     """``split_masters`` keeps the fp32 masters as two 16-bit planes; AdamW joins them, updates and
     splits again. The same gradients must give bit-identical fp32 masters and moments to the
     engine that keeps whole fp32 masters, step after step (on a GPU, its share of the update too),
-    and a checkpoint of it must hold those values (written piece by piece from the planes)."""
+    and a checkpoint of it must hold those values (written piece by piece from the planes). The
+    CPU's share goes through the C kernel where it builds here ("-torch": torch's pieces)."""
     from ramgpt.checkpoint import store
-    from ramgpt.engine import planes
+    from ramgpt.engine import native, planes
 
     monkeypatch.setattr(planes, "PIECE", 1000)
     monkeypatch.setattr(planes, "CONVERT_PIECE", 1500)
@@ -579,7 +581,10 @@ def test_split_masters_update_the_same_fp32_weights(device: str, which: str, mon
     whole = StreamedEngine(copy.deepcopy(base), **kw)
     split = StreamedEngine(copy.deepcopy(base), split_masters=which, **kw)
     assert whole.adamw.LOOKAHEAD == 1
-    split.adamw.LOOKAHEAD = {"": 1, "drained": 0, "ahead2": 2}[ahead]
+    split.adamw.LOOKAHEAD = {"": 1, "drained": 0, "ahead2": 2, "torch": 1}[ahead]
+    split.adamw.native = ahead != "torch"
+    kernel = native.load()
+    calls0 = kernel.calls if kernel is not None else 0
     gen = torch.Generator().manual_seed(int(torch.randint(0, 10_000, ()).item()))
     try:
         assert split.planes is not None and whole.planes is None
@@ -605,6 +610,8 @@ def test_split_masters_update_the_same_fp32_weights(device: str, which: str, mon
             for p, q in zip(whole.params, split.params):
                 for k in ("exp_avg", "exp_avg_sq"):
                     assert torch.equal(whole.optimizer.state[p][k], split.optimizer.state[q][k]), k
+        if kernel is not None and which == "all":  # the CPU's chunks went through the kernel, or did not
+            assert (kernel.calls > calls0) == (ahead != "torch")
         path = store.save_checkpoint(tmp_path, 3, split.state_dict(), split.optimizer_state(), {})
         loaded = store.load_checkpoint(path)
         want = _masters(whole)

@@ -35,6 +35,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn as nn
 
+from ramgpt.engine import native
 from ramgpt.engine import planes as pl
 from ramgpt.engine.hostmem import FileArena, HostArena
 
@@ -77,6 +78,7 @@ class ChunkedAdamW:
         self.opt = optimizer
         self.planes = planes
         self._cpu_scratch: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.native = True  # the CPU's split masters through native.load()'s kernel where there is one
         self.moments = moments
         # the chunks this process updates (several GPUs: the ones it owns; else all)
         self.update = set(range(len(chunks))) if update is None else set(update)
@@ -263,10 +265,21 @@ class ChunkedAdamW:
 
     def _step_split(self, g: dict, ps: list[nn.Parameter], states: list[dict], lr: float,
                     grad_scale: torch.Tensor, found_inf: torch.Tensor) -> None:
-        """Fused AdamW over split masters on the CPU: pieces of at most ``planes.PIECE`` elements
+        """Fused AdamW over split masters on the CPU: with :attr:`native`, the C kernel of
+        :mod:`.native` where it loads (one pass; torch's bits, checked); else pieces of at most ``planes.PIECE`` elements
         (cut at multiples of it within a tensor, several small tensors to a call) are joined into
         fp32 scratch, updated there by the one kernel, and split back; the scratch stays in cache."""
         planes = self.planes
+        kernel = native.load() if self.native else None
+        if kernel is not None:  # join, update and split in one pass (csrc/adamw_planes.c)
+            if float(found_inf) == 1.0:  # as torch's kernel: no update (the counters have moved)
+                return
+            beta1, beta2 = g["betas"]
+            kernel.step([(planes.hi(p), planes.lo(p), p.grad.view(-1), st["exp_avg"].view(-1),
+                          st["exp_avg_sq"].view(-1), st["step"]) for p, st in zip(ps, states)],
+                        lr=lr, beta1=beta1, beta2=beta2, weight_decay=g["weight_decay"], eps=g["eps"],
+                        grad_scale=grad_scale)
+            return
         if self._cpu_scratch is None:
             self._cpu_scratch = (torch.empty(pl.PIECE, dtype=torch.float32), torch.empty(pl.PIECE, dtype=torch.int32))
         buf, tmp = self._cpu_scratch

@@ -37,6 +37,7 @@ import torch
 import torch.nn as nn
 
 from ramgpt.dist import Comm, chunk_owners
+from ramgpt.engine import native
 from ramgpt.engine.base import Engine, StepReport, make_optimizer, release_freed_heap
 from ramgpt.engine.chunked_adamw import ChunkedAdamW
 from ramgpt.engine.compiled import BlockWarmUp, CompiledBlocks
@@ -282,7 +283,8 @@ class StreamedEngine(Engine):
         # runtime.split_masters: the fp32 masters of some chunks become two 16-bit planes in the same
         # bytes of the arena; the GPU loads their bf16 plane (half the link traffic, no cast). "gpu":
         # the chunks the GPU updates (it joins and splits the planes itself, at no CPU cost); "all":
-        # every chunk (the CPU joins and splits its share around each piece of its update)
+        # every chunk (the CPU joins, updates and splits its share in one pass where engine/native.py's
+        # kernel builds, else around each piece of torch's update)
         if isinstance(split_masters, str) and split_masters not in ("none", "gpu", "all"):
             raise ValueError(f"split_masters must be 'none', 'gpu', 'all' or chunk indices, got {split_masters!r}")
         self.planes: MasterPlanes | None = None
@@ -301,6 +303,8 @@ class StreamedEngine(Engine):
                 self.planes = MasterPlanes()
                 self.planes.convert_chunks([self._owned[i] for i in split if self._owned[i]], self.arena.buf)
                 self._sources = {id(p): self.planes.source(p) for p in self.params if p in self.planes}
+                if set(split) - set(gpu_chunks):  # the CPU updates split masters: build its kernel meanwhile
+                    threading.Thread(target=native.load, name="ramgpt-native-build", daemon=True).start()
             else:
                 warnings.warn("this torch build cannot split fp32 weights into 16-bit halves exactly; the GPU loads "
                               "the fp32 masters instead (runtime.split_masters)", RuntimeWarning, stacklevel=2)
