@@ -230,10 +230,12 @@ class RuntimeConfig(_Section):
         "auto",
         description="Streamed engine with bf16: keep fp32 master weights as two 16-bit halves in the same 4 bytes, "
         "their bf16 rounding (to nearest, ties away from zero), which the GPU loads as it is, and the remaining bits: "
-        "half the link traffic of those weights, no cast, no more RAM, the same fp32 update. auto: the weights whose "
-        "update the GPU does (runtime.optimizer_gpu_share; the GPU joins and splits them); true: all of them (the CPU "
-        "joins and splits its share around each piece of its update: slower on the H200 machine, docs/benchmarks.md); "
-        "false: none. One process, not with host_bf16_copies.",
+        "half the link traffic of those weights, no cast, no more RAM, the same fp32 update. auto: all of them where "
+        "the CPU's one-pass kernel for its share builds (a C compiler, $CC or cc; checked against torch's AdamW bit "
+        "for bit; `ramgpt doctor` says), else the weights whose update the GPU does (runtime.optimizer_gpu_share; "
+        "the GPU joins and splits them); true: all of them (without the kernel the CPU joins and splits around "
+        "torch's update, 3x slower on the H200 machine, docs/benchmarks.md); false: none. One process, not with "
+        "host_bf16_copies.",
     )
     compile_blocks: bool | Literal["auto"] = Field(
         "auto",

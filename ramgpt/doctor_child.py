@@ -54,6 +54,20 @@ def bytecode_cached(module: Any) -> dict[str, Any]:
     return {"cached": cached, "writes": not sys.dont_write_bytecode, "prefix": sys.pycache_prefix}
 
 
+def cpu_kernel() -> dict[str, Any]:
+    """Whether the CPU's one-pass AdamW over split masters builds and gives torch's bits here
+    (:mod:`ramgpt.engine.native`; built into its cache on the first call, a fraction of a second)."""
+    try:
+        from ramgpt.engine import native
+
+        k = native.load()
+    except BaseException as e:  # noqa: BLE001 - reported, never fatal
+        return {"ok": False, "why": _err(e)}
+    if k is None:
+        return {"ok": False, "why": native.why_not() or "unknown"}
+    return {"ok": True, "form": k.form, "path": str(k.path)}
+
+
 def probe_torch(pin_bytes: int, matmul: tuple[int, int, int] | None) -> tuple[dict[str, Any] | None, dict[str, Any]]:
     """(the ``torch`` section, torch's package row). The section is None when torch does not import."""
     try:
@@ -63,7 +77,7 @@ def probe_torch(pin_bytes: int, matmul: tuple[int, int, int] | None) -> tuple[di
     from ramgpt import probe
 
     t: dict[str, Any] = {"version": torch.__version__, "cuda_build": torch.version.cuda, "cuda": False,
-                         "bytecode": bytecode_cached(torch)}
+                         "bytecode": bytecode_cached(torch), "cpu_kernel": cpu_kernel()}
     try:
         t["cuda"] = bool(torch.cuda.is_available())
         if t["cuda"]:

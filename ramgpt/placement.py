@@ -32,7 +32,7 @@ class Placement:
     vram_budget_b: int | None  # the allocator cap in bytes (None: no cap)
     grad_accum: str  # "host" | "device" (streamed engine; "host" elsewhere)
     compile_blocks: bool = False  # torch.compile the transformer blocks (streamed engine)
-    split_masters: str = "none"  # chunks whose fp32 masters are two 16-bit planes: "none", "gpu" or "all" (streamed)
+    split_masters: str = "none"  # chunks whose fp32 masters are two 16-bit planes: "none", "auto" or "all" (streamed)
 
     @property
     def cuda(self) -> bool:
@@ -116,8 +116,9 @@ def gpu_update_chunks(sizes: list[int], share: float) -> list[int]:
 
 
 def resolve_split_masters(value: bool | str, engine: str, precision: str, host_copies: bool) -> str:
-    """``runtime.split_masters`` -> which chunks the streamed engine splits: ``"gpu"`` (auto: those
-    whose update the GPU does, which joins and splits them itself), ``"all"`` (true) or ``"none"``.
+    """``runtime.split_masters`` -> which chunks the streamed engine splits: ``"auto"`` (every chunk
+    where the CPU's one-pass kernel loads, :mod:`ramgpt.engine.native`; else those whose update the
+    GPU does, which joins and splits them itself), ``"all"`` (true) or ``"none"``.
     Only with bf16 compute and no host bf16 copies (the engine also keeps them whole with several
     processes); ``true`` where that cannot hold is a configuration error."""
     if engine != "streamed" or value is False:
@@ -129,7 +130,7 @@ def resolve_split_masters(value: bool | str, engine: str, precision: str, host_c
                           "runtime.split_masters: auto (or false)")
     if not possible:
         return "none"
-    return "all" if value is True else "gpu"
+    return "all" if value is True else "auto"
 
 
 def vram_budget_bytes(budget_gib: float | None, device: str, machine: Machine) -> int | None:

@@ -32,10 +32,11 @@ class _FakeChild:
     """Canned torch/CUDA/import results, so the fast tests start no process."""
 
     def __init__(self, pin_bytes: int, matmul=None, cuda: bool = False, broken: tuple[str, ...] = (), tflops=None,
-                 bytecode=None):
+                 bytecode=None, cpu_kernel=None):
         self.matmul = matmul
         torch = {"version": "2.99.0", "cuda_build": "12.6" if cuda else None, "cuda": cuda,
-                 "bytecode": bytecode or {"cached": True, "writes": True, "prefix": None}}
+                 "bytecode": bytecode or {"cached": True, "writes": True, "prefix": None},
+                 "cpu_kernel": cpu_kernel or {"ok": True, "form": 0, "path": "/c/adamw_planes-x.so"}}
         if cuda:
             torch.update(
                 name="NVIDIA GeForce RTX 3050",
@@ -267,6 +268,29 @@ def test_bytecode_row_warns_where_torch_compiles_its_sources_at_every_start(monk
     assert "read-only" in _check(D.run_doctor(None), "bytecode").message
     _fake(monkeypatch, broken=("torch",))  # no torch: its own row says so, no bytecode row
     assert "bytecode" not in [r.name for r in D.run_doctor(None)]
+
+
+def test_cpu_kernel_row_says_whether_split_masters_update_in_one_pass(monkeypatch):
+    _fake(monkeypatch)
+    row = _check(D.run_doctor(None), "CPU AdamW kernel")
+    assert row.status == "ok" and "checked against torch" in row.message
+    _fake(monkeypatch, cpu_kernel={"ok": False, "why": "no C compiler (cc) on PATH"})
+    results = D.run_doctor(None)
+    row = _check(results, "CPU AdamW kernel")
+    assert row.status == "warn" and "no C compiler (cc) on PATH" in row.message and "apt install gcc" in row.remedy
+    _fake(monkeypatch, broken=("torch",))
+    assert "CPU AdamW kernel" not in [r.name for r in D.run_doctor(None)]
+
+
+def test_child_reports_the_cpu_kernel(monkeypatch, tmp_path):
+    """The child's own answer: built here where a compiler is, the loader's reason where none is."""
+    from ramgpt import doctor_child
+    from ramgpt.engine import native
+
+    monkeypatch.setattr(native, "_loaded", {})
+    monkeypatch.setattr(native, "_why", {})
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    assert doctor_child.cpu_kernel() == {"ok": False, "why": f"no C compiler ({tmp_path / 'no-such-cc'}) on PATH"}
 
 
 def test_child_crash_is_reported(monkeypatch):

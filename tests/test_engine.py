@@ -96,16 +96,16 @@ def _masters(engine) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])
-@pytest.mark.parametrize("mode", ["cast", "copies", "split-all", "split-gpu", "split-embed"])
+@pytest.mark.parametrize("mode", ["cast", "copies", "split-all", "split-gpu", "split-embed", "split-auto"])
 def test_streamed_bf16_computes_with_the_current_masters(device: str, mode: str,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """The fp32 masters are cast to bf16 as each chunk loads (here through pieces smaller than the
     tensors); with ``host_bf16_copies`` bf16 copies refreshed after each update load instead; with
-    ``split_masters`` the masters' bf16 halves, of every chunk or (the shipped path) of the chunks
-    the GPU updates, the others cast. Every step's loss and gradients must be those of the
+    ``split_masters`` the masters' bf16 halves, of every chunk, of the chunks the GPU updates (the
+    others cast), or as auto decides (the shipped path: every chunk where the CPU's kernel loads). Every step's loss and gradients must be those of the
     *current* masters cast to bf16 and run whole under autocast: stale or mis-cast weights would
     differ."""
-    from ramgpt.engine import offload, planes
+    from ramgpt.engine import native, offload, planes
 
     if mode == "split-gpu" and device == "cpu":
         pytest.skip("the GPU's share of the update needs a GPU")
@@ -118,12 +118,17 @@ def test_streamed_bf16_computes_with_the_current_masters(device: str, mode: str,
     torch.manual_seed(int(torch.randint(0, 10_000, ()).item()))
     stm = StreamedEngine(GPT(cfg), device=device, precision="bf16", optim_cfg=optim, seqs_per_pass=2, window=2,
                          host_bf16_copies=mode == "copies",
-                         split_masters={"split-all": "all", "split-gpu": "gpu", "split-embed": [0]}.get(mode, "none"),
+                         split_masters={"split-all": "all", "split-gpu": "gpu", "split-embed": [0],
+                                        "split-auto": "auto"}.get(mode, "none"),
                          grad_accum="device" if device == "cuda" else "host", optimizer_gpu_share=0.5)
     gen = torch.Generator().manual_seed(int(torch.randint(0, 10_000, ()).item()))
     # each chunk loads as one run of back-to-back tensors (the head from the masters: its LayerNorm,
     # and the tied embedding; from the copies, where it has its own copy of the embedding: one)
-    assert (stm.planes is not None) == mode.startswith("split")
+    kernel = native.load() is not None
+    if mode == "split-auto":
+        assert stm.split_masters == ("all" if kernel else "gpu")
+        mode = "split-all" if kernel else "split-gpu"
+    assert (stm.planes is not None) == (mode.startswith("split") and (mode != "split-gpu" or device == "cuda"))
     assert bool(stm.adamw.gpu_chunks) == (device == "cuda")
     split = {"split-all": set(range(4)), "split-gpu": set(stm.adamw.gpu_chunks), "split-embed": {0}}.get(mode, set())
     # the head loads its LayerNorm and the tied embedding as one run each, into one slot, also
@@ -131,7 +136,7 @@ def test_streamed_bf16_computes_with_the_current_masters(device: str, mode: str,
     assert [None if p is None else len(p) for p in stm.om.load_plans] == ([1, 1, 1, 1] if mode == "copies" else [1, 1, 1, 2])
     if mode == "split-embed":
         assert [f.dtype for f in stm.om.load_srcs[-1]] == [torch.bfloat16, torch.float32]
-    if mode.startswith("split"):  # the GPU loads the bf16 halves in place: no copy is kept
+    if mode.startswith("split") and stm.planes is not None:  # the GPU loads the bf16 halves in place: no copy kept
         assert split and stm.copies is None
         assert (stm.om.cast_dtype is None) == (mode == "split-all")  # the chunks not split are cast as they load
         for i, (st, masters) in enumerate(zip(stm.om._state, stm._master_of)):

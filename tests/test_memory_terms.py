@@ -21,6 +21,10 @@ from ramgpt.placement import resolve_grad_accum
 GiB = 2**30
 MiB = 2**20
 
+# auto's split masters follow whether the CPU's kernel can be built (ramgpt.toolchain): these tests
+# take the machine without a compiler unless they say otherwise
+pytestmark = pytest.mark.usefixtures("without_cpu_kernel")
+
 def _profile(model: dict, seq: int, mb: int = 1, accum: int = 1, **runtime) -> object:
     return build_profile(
         {
@@ -193,6 +197,22 @@ def test_split_masters_halve_the_loads_of_the_split_chunks():
     saved = whole.weight_h2d_bytes - auto.weight_h2d_bytes
     per_load = sum(2 * chunks[i].params for i in split if i != len(chunks) - 1)
     assert 0.8 * 24 * per_load < saved <= 24 * (per_load + 2 * chunks[-1].params)
+
+
+@pytest.mark.usefixtures("with_cpu_kernel")
+def test_auto_splits_every_master_where_the_cpu_kernel_can_be_built():
+    """Where a C compiler is found, auto splits every chunk (the CPU updates its share in one pass):
+    the loads are those of split_masters=true; turned off (RAMGPT_NATIVE=0) it is the GPU's chunks again."""
+    auto = load_profile("rtx3050-6gb", use_env=False)
+    every = load_profile("rtx3050-6gb", ["runtime.split_masters=true"], use_env=False)
+    chunks = M.chunk_sizes(auto.model)
+    assert MT.split_chunks(auto) == set(range(len(chunks)))
+    assert M.pcie_per_step(auto, 16, "streamed").weight_h2d_bytes == M.pcie_per_step(every, 16,
+                                                                                      "streamed").weight_h2d_bytes
+    assert not MT.casts_on_gpu(auto)
+    os.environ["RAMGPT_NATIVE"] = "0"  # (the fixture's monkeypatch restores it)
+    assert 0 < len(MT.split_chunks(auto)) < len(chunks)
+    assert MT.casts_on_gpu(auto)
 
 
 def test_disk_by_hand():

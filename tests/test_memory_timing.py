@@ -10,6 +10,10 @@ from ramgpt import probe
 from ramgpt.config import load_profile
 from ramgpt.memory import timing as TM
 
+# auto's split masters follow whether the CPU's kernel can be built (ramgpt.toolchain): these tests
+# take the machine without a compiler unless they say otherwise
+pytestmark = pytest.mark.usefixtures("without_cpu_kernel")
+
 N_1B = 1_098_777_600
 L, C, T = 36, 1536, 1024
 
@@ -95,6 +99,27 @@ def test_split_masters_the_cpu_updates_cost_it_their_join_and_split():
     assert whole.optimizer_s > 0
     assert every.optimizer_s - whole.optimizer_s == pytest.approx(cpu * a.split_masters_ratio, rel=0.02)
     assert every.transfer_s < auto.transfer_s < whole.transfer_s
+
+
+@pytest.mark.usefixtures("with_cpu_kernel")
+def test_split_masters_with_the_cpu_kernel_cost_its_small_ratio():
+    """With a C compiler the CPU's share of split masters goes through the one-pass kernel: auto
+    and true both split every chunk and cost split_native_ratio of the CPU's AdamW, not the pieces' 1.7."""
+    from dataclasses import replace
+
+    def project(*sets):
+        p = load_profile("rtx3050-6gb", list(sets), use_env=False)
+        pcie = replace(M.pcie_per_step(p, 16, "streamed"), link_gbps=54.9)
+        return TM.project_time(p, engine="streamed", device="cuda", pcie=pcie, rates=_rates(tflops=400.0, threads=16))
+
+    share = "runtime.optimizer_gpu_share=0.4"
+    whole, auto = project("runtime.split_masters=false", share), project(share)
+    every = project("runtime.split_masters=true", share)
+    a = TM.DEFAULT_SPEED
+    cpu = (1 - 0.4) * N_1B / (a.adamw_params_per_thread_s * 16)
+    assert auto.optimizer_s == pytest.approx(every.optimizer_s)
+    assert every.optimizer_s - whole.optimizer_s == pytest.approx(cpu * a.split_native_ratio, rel=0.02)
+    assert auto.transfer_s == pytest.approx(every.transfer_s) and every.transfer_s < whole.transfer_s
 
 
 def test_resident_gpu_and_cpu():

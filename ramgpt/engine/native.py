@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from ramgpt import toolchain
+
 SOURCE = Path(__file__).with_name("csrc") / "adamw_planes.c"
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared", "-pthread"]
 COMPILE_TIMEOUT_S = 60
@@ -129,7 +131,7 @@ def _cpu_id() -> str:
 def build(form: int = 0, compiler: str | None = None, out_dir: Path | None = None) -> Path:
     """Compile the kernel's ``form`` (RAMGPT_V_FORM), or find the build of this source, form,
     compiler and CPU. Raises RuntimeError saying why it could not."""
-    cc = compiler or os.environ.get("CC") or "cc"
+    cc = toolchain.compiler(compiler)
     if shutil.which(cc) is None:
         raise RuntimeError(f"no C compiler ({cc}) on PATH")
     try:
@@ -216,16 +218,13 @@ def matches_torch(kernel: PlanesAdamW, seed: int = 0) -> bool:
 def load(compiler: str | None = None) -> PlanesAdamW | None:
     """The kernel, built and checked once per process; None where it cannot be used
     (:func:`why_not` says why)."""
-    cc = compiler or os.environ.get("CC") or "cc"
+    cc = toolchain.compiler(compiler)
     with _lock:
         if cc in _loaded:
             return _loaded[cc]
         kernel = None
-        if os.environ.get("RAMGPT_NATIVE", "1") == "0":
-            _why[cc] = "turned off (RAMGPT_NATIVE=0)"
-        elif platform.system() == "Windows":
-            _why[cc] = "not built on Windows"
-        else:
+        why = toolchain.disabled_why(cc)
+        if why is None:
             try:
                 for form in FORMS:
                     candidate = _open(build(form, cc), form)
@@ -233,13 +232,14 @@ def load(compiler: str | None = None) -> PlanesAdamW | None:
                         kernel = candidate
                         break
                 else:
-                    _why[cc] = "none of its forms gives the bits of torch's fused AdamW on this CPU"
+                    why = "none of its forms gives the bits of torch's fused AdamW on this CPU"
             except (RuntimeError, OSError) as e:
-                _why[cc] = str(e)
-                kernel = None
+                why, kernel = str(e), None
+        if why is not None:
+            _why[cc] = why
         _loaded[cc] = kernel
         return kernel
 
 
 def why_not(compiler: str | None = None) -> str | None:
-    return _why.get(compiler or os.environ.get("CC") or "cc")
+    return _why.get(toolchain.compiler(compiler))

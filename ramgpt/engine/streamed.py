@@ -189,9 +189,14 @@ class StreamedEngine(Engine):
         the blocks run through one compiled graph (:mod:`.compiled`), compiled by :meth:`warm_up`.
         ``split_masters``: which chunks keep each fp32 master as its bf16 rounding, which the GPU
         loads, and the remaining 16 bits (:mod:`.planes`): "none", "gpu" (those the GPU updates),
-        "all", or the chunks' indices (one process, bf16 compute, not with ``host_bf16_copies``).
+        "all", "auto" ("all" where the CPU's kernel for them loads, :mod:`.native`, else "gpu"), or
+        the chunks' indices (one process, bf16 compute, not with ``host_bf16_copies``).
         ``on_phase``: told what the set-up is doing as each of its long steps begins (the panel shows it)."""
         phase = on_phase or (lambda _text: None)
+        kernel_built = None
+        if split_masters == "auto":  # the CPU's kernel for split masters builds while the model does
+            kernel_built = threading.Thread(target=native.load, name="ramgpt-native-build", daemon=True)
+            kernel_built.start()
 
         def mark(what: str) -> None:
             if self.TIMINGS is not None:
@@ -285,8 +290,14 @@ class StreamedEngine(Engine):
         # the chunks the GPU updates (it joins and splits the planes itself, at no CPU cost); "all":
         # every chunk (the CPU joins, updates and splits its share in one pass where engine/native.py's
         # kernel builds, else around each piece of torch's update)
-        if isinstance(split_masters, str) and split_masters not in ("none", "gpu", "all"):
-            raise ValueError(f"split_masters must be 'none', 'gpu', 'all' or chunk indices, got {split_masters!r}")
+        if isinstance(split_masters, str) and split_masters not in ("none", "gpu", "all", "auto"):
+            raise ValueError(f"split_masters must be 'none', 'gpu', 'all', 'auto' or chunk indices, "
+                             f"got {split_masters!r}")
+        if kernel_built is not None:
+            kernel_built.join()
+            # without the kernel the CPU's split update is 3-4x slower (torch's pieces): keep its masters whole
+            split_masters = "all" if native.load() is not None else "gpu"
+        self.split_masters = split_masters
         self.planes: MasterPlanes | None = None
         self._sources: dict[int, JoinedTensor] = {}
         counts = [sum(p.numel() for p in ps) for ps in self._owned]

@@ -495,15 +495,17 @@ def _host_copies(profile: Profile) -> bool:
 def split_chunks(profile: Profile, gpus: int = 1) -> set[int]:
     """The chunks whose fp32 masters the streamed engine keeps as two 16-bit halves, the GPU loading
     the bf16 one (``runtime.split_masters``: bf16 compute -- ``auto`` counted as bf16 --, one process,
-    no host copies; auto: the chunks the GPU updates, true: all)."""
+    no host copies; true: all; auto: all where a C compiler is found for the CPU's kernel
+    (:func:`ramgpt.toolchain.compiler_found`), else the chunks the GPU updates)."""
     from ramgpt.memory.timing import gpu_update_share
     from ramgpt.placement import gpu_update_chunks
+    from ramgpt.toolchain import compiler_found
 
     rt = profile.runtime
     if gpus != 1 or rt.split_masters is False or rt.precision not in ("auto", "bf16") or _host_copies(profile):
         return set()
     chunks = chunk_sizes(profile.model)
-    if rt.split_masters is True:
+    if rt.split_masters is True or compiler_found():
         return set(range(len(chunks)))
     owned = [c.params for c in chunks]
     if profile.model.tie_embeddings:  # the head's copy of the embedding is the embed chunk's to update

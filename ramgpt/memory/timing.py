@@ -30,6 +30,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+from ramgpt import toolchain
 from ramgpt.memory.terms import (
     PcieEstimate,
     _host_copies,
@@ -134,9 +135,14 @@ class SpeedAssumptions:
     """``runtime.host_bf16_copies``: refreshing the copies after each chunk's update, per second of
     AdamW (H200 machine: 0.11 s for the 1b against 0.26 s of AdamW)."""
     split_masters_ratio: float = 1.7
-    """``runtime.split_masters``: joining each piece of the CPU's share into fp32 before its update and
-    splitting it after, per second of AdamW (2-core CPU machine: 1M-element pieces, join + split
-    1.7 times the fused AdamW between them)."""
+    """``runtime.split_masters`` without the CPU's kernel (no C compiler): joining each piece of the
+    CPU's share into fp32 before torch's update and splitting it after, per second of AdamW (2-core
+    CPU machine: 1M-element pieces, join + split 1.7 times the fused AdamW between them; 2.3 on the
+    H200 machine's 16 threads, round 10)."""
+    split_native_ratio: float = 0.05
+    """The same with the CPU's kernel (:mod:`ramgpt.engine.native`, join, update and split in one
+    pass), per second of AdamW over whole masters: 1/0.957 - 1 on 16 threads of the H200 machine,
+    none on 8 (0.44 G parameters; round 10)."""
     host_accum_params_per_thread_s: float = 1.1e9 / 0.69 / 16
     """``runtime.grad_accum=host``: the CPU worker's bf16 -> fp32 add, 0.69 s per pass of the 1b on
     16 cores (H100 machine, round 1)."""
@@ -367,8 +373,10 @@ def project_time(
             passes = pcie.passes_per_step if pcie is not None else 1
             # host copies are refreshed after each update; split masters that the CPU updates (split_masters:
             # true) are joined before and split after it (those the GPU updates cost the CPU nothing)
-            every = profile.runtime.split_masters is True and bool(split_chunks(profile))
-            extra = a.bf16_refresh_ratio if _host_copies(profile) else a.split_masters_ratio if every else 0
+            split = split_chunks(profile)
+            every = bool(split) and len(split) == len(chunk_sizes(cfg))
+            extra = (a.bf16_refresh_ratio if _host_copies(profile)
+                     else (a.split_native_ratio if toolchain.compiler_found() else a.split_masters_ratio) if every else 0)
             update_s = optimizer_s * (1.0 + a.optimizer_rest_ratio + extra)
             share = gpu_update_share(profile, device)
             if share and pcie is not None:  # the GPU's share streams 16 bytes per parameter in
