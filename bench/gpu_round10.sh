@@ -6,6 +6,10 @@
 #   the plain resident ceiling, then `ramgpt train --profile rtx3050-6gb` 8 steps: the shipped
 #   settings, every master split (runtime.split_masters=true) at GPU shares 0.6, 0.5, 0.4 and 0.3,
 #   the shipped settings again.
+# MODE b (at c362477, shipped = auto splitting every chunk, share 0.4): the CUDA tests, the ceiling,
+#   the shipped settings (the first with an empty compile cache), no CPU kernel with round 9's share
+#   0.6 (RAMGPT_NATIVE=0: a machine without a C compiler), shares 0.35 and 0.45, the shipped settings
+#   twice more, estimate-memory's projection.
 set -u
 out=$1
 mode=${2:-a}
@@ -25,6 +29,16 @@ if [ "$mode" = a ]; then
   bench all_g4 "runtime.split_masters=true runtime.optimizer_gpu_share=0.4"
   bench all_g3 "runtime.split_masters=true runtime.optimizer_gpu_share=0.3"
   bench shipped2
+elif [ "$mode" = b ]; then
+  run 150 python3 -m pytest -q -p no:cacheprovider tests/test_engine.py tests/test_native.py tests/test_doctor_child.py
+  run 45 python3 bench/perf.py ceiling --out "$res"
+  bench shipped1
+  bench nokernel_g6 "runtime.optimizer_gpu_share=0.6" RAMGPT_NATIVE=0
+  bench g35 "runtime.optimizer_gpu_share=0.35"
+  bench shipped2
+  bench g45 "runtime.optimizer_gpu_share=0.45"
+  bench shipped3
+  run_estimate
 fi
 pack
 grep -h "^RESULT\|passed\|failed\|Error\|rc=\|^/usr\|^cc\|^gcc" "$log" | cut -c1-1500
