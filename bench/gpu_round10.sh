@@ -10,6 +10,10 @@
 #   the shipped settings (the first with an empty compile cache), no CPU kernel with round 9's share
 #   0.6 (RAMGPT_NATIVE=0: a machine without a C compiler), shares 0.35 and 0.45, the shipped settings
 #   twice more, estimate-memory's projection.
+# MODE c (where the cold run's extra RSS goes): the shipped settings with empty compile caches
+#   (TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR fresh per run): as shipped, with the blocks not
+#   compiled (runtime.compile_blocks=false), with inductor compiling in this process
+#   (TORCHINDUCTOR_COMPILE_THREADS=1); then the shipped settings with the caches warm.
 set -u
 out=$1
 mode=${2:-a}
@@ -39,6 +43,12 @@ elif [ "$mode" = b ]; then
   bench g45 "runtime.optimizer_gpu_share=0.45"
   bench shipped3
   run_estimate
+elif [ "$mode" = c ]; then
+  cold() { echo "TORCHINDUCTOR_CACHE_DIR=/tmp/ind-$1 TRITON_CACHE_DIR=/tmp/tri-$1"; }
+  bench cold_shipped "" "$(cold a)"
+  bench cold_nocompile "runtime.compile_blocks=false" "$(cold b)"
+  bench cold_threads1 "" "$(cold c) TORCHINDUCTOR_COMPILE_THREADS=1"
+  bench shipped_warm "" "$(cold a)"
 fi
 pack
 grep -h "^RESULT\|passed\|failed\|Error\|rc=\|^/usr\|^cc\|^gcc" "$log" | cut -c1-1500
