@@ -538,10 +538,9 @@ class StreamedEngine(Engine):
         finally:
             if self.cuda:
                 torch.cuda.empty_cache()  # the warm-up's activations: give the cap's room back to training
-            # the compiler's garbage back to the OS before the optimizer's state is first touched. Runs
-            # that compiled with an empty cache peaked 0.3 GiB higher in RSS; with this they still did
-            # (18.26-18.31 GiB, rounds 8-9, against 18.27 without): no measured effect, a candidate
-            # for removal
+            # the compiler's garbage back to the OS before the optimizer's state is first touched:
+            # 0.01 GiB after the 1b's warm-up (round 11). What the first compile kept was the
+            # pointwise autotuning's kernels, now off (compiled.INDUCTOR_OPTIONS)
             gc.collect()
             release_freed_heap()
         if warning is not None:
