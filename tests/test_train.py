@@ -113,6 +113,81 @@ def test_interrupted_then_resumed_reproduces_losses(tmp_path: Path, engine: str)
     assert ev_a == ev_b
 
 
+def _sigint_in_step(monkeypatch, step: int, presses: int) -> None:
+    """Press Ctrl-C (a real SIGINT to this process) ``presses`` times as step ``step`` begins, a
+    second apart, the way a user would."""
+    import time
+
+    from ramgpt.engine.base import Engine
+
+    real, calls = Engine.train_step, []
+
+    def pressing(self, *a, **kw):
+        calls.append(1)
+        if len(calls) == step:
+            for i in range(presses):
+                if i:
+                    time.sleep(1.1)
+                os.kill(os.getpid(), signal.SIGINT)
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(Engine, "train_step", pressing)
+
+
+def _events(run_dir: Path) -> list[str]:
+    return [json.loads(ln)["message"] for ln in (run_dir / "events.jsonl").read_text().splitlines() if ln.strip()]
+
+
+def test_ctrl_c_finishes_the_step_then_saves_it(tmp_path: Path, monkeypatch) -> None:
+    """One Ctrl-C during step 7: the step completes, step 7 is saved, and a resume from it gives
+    the uninterrupted run's losses; the previous SIGINT handler is back afterwards."""
+    full, broken = tmp_path / "full", tmp_path / "broken"
+    train(_profile(full))
+    before = signal.getsignal(signal.SIGINT)
+    _sigint_in_step(monkeypatch, 7, presses=1)
+    res = train(_profile(broken))
+    monkeypatch.undo()
+    assert signal.getsignal(signal.SIGINT) is before
+    assert res.interrupted and res.steps == 7
+    assert json.loads((broken / "step_0000007" / "meta.json").read_text())["reason"] == "interrupt"
+    assert any(m.startswith("Ctrl-C: stopping at the end of this step") for m in _events(broken))
+    assert [r["step"] for r in _rows(broken)] == list(range(1, 8))
+    train(_profile(broken), resume="latest")
+    assert {r["step"]: r["loss"] for r in _rows(broken)} == {r["step"]: r["loss"] for r in _rows(full)}
+
+
+def test_a_second_ctrl_c_stops_mid_step_without_saving_it(tmp_path: Path, monkeypatch) -> None:
+    """Two Ctrl-C a second apart during step 7: it stops there, saves nothing of steps 5-7 (the
+    update may be half done), says so, and the last interval checkpoint (4) resumes exactly."""
+    full, broken = tmp_path / "full", tmp_path / "broken"
+    train(_profile(full))
+    _sigint_in_step(monkeypatch, 7, presses=2)
+    res = train(_profile(broken))
+    monkeypatch.undo()
+    assert res.interrupted and res.steps == 6
+    assert sorted(p.name for p in broken.glob("step_*")) == ["step_0000004"]
+    assert any(m.startswith("stopped during step 7: no checkpoint of it") for m in _events(broken))
+    train(_profile(broken), resume="latest")
+    assert {r["step"]: r["loss"] for r in _rows(broken)} == {r["step"]: r["loss"] for r in _rows(full)}
+
+
+def test_ctrl_c_on_any_rank_stops_every_rank() -> None:
+    """Several ranks stop after the same step when any one of them was asked."""
+    from ramgpt.train.loop import _CtrlC
+
+    class Comm:  # the other rank's answer, summed as the all-reduce would
+        def __init__(self, other: float):
+            self.other = other
+
+        def sum_floats(self, *values: float) -> list[float]:
+            return [values[0] + self.other]
+
+    mine = _CtrlC(NullSink())
+    assert not mine.agreed(None) and not mine.agreed(Comm(0.0)) and mine.agreed(Comm(1.0))
+    mine.requested = True
+    assert mine.agreed(None) and mine.agreed(Comm(0.0))
+
+
 def test_resume_from_an_explicit_checkpoint_path(tmp_path: Path) -> None:
     run = tmp_path / "run"
     train(_profile(run, "optim.max_steps=8"))

@@ -236,7 +236,9 @@ class Checkpointer:
             if err is not None:
                 self.event("warning", f"{err} (training continues)")
                 continue
-            assert path is not None
+            if path is None:  # the write stopped with neither a path nor an error (Ctrl-C in a waited save)
+                self.event("warning", f"the checkpoint of step {step} was not written (training continues)")
+                continue
             self.last_path, self.last_step = path, step
             how = " in the background" if self.background else ""
             self.event("checkpoint", f"saved {path} in {seconds:.1f}s{how}")
