@@ -239,7 +239,9 @@ def test_ctrl_c_exits_130_after_saving(tmp_path) -> None:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     proc = subprocess.Popen([sys.executable, "-m", "ramgpt", "train", "--profile", "micro-test", "--no-tui",
                              "--max-steps", "100000", "--out-dir", "r"], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # as from a terminal: a background job's shell (`nohup ... &`) ignores SIGINT
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     rows = tmp_path / "r" / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and not (rows.exists() and rows.read_text().count("\n") >= 2):

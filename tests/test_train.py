@@ -113,6 +113,15 @@ def test_interrupted_then_resumed_reproduces_losses(tmp_path: Path, engine: str)
     assert ev_a == ev_b
 
 
+@pytest.fixture
+def terminal_sigint():
+    """Python's own SIGINT handler, as in a terminal: a shell's background job (`nohup ... &`, some
+    CI runners) starts with SIGINT ignored, and training then leaves it ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def _sigint_in_step(monkeypatch, step: int, presses: int) -> None:
     """Press Ctrl-C (a real SIGINT to this process) ``presses`` times as step ``step`` begins, a
     second apart, the way a user would."""
@@ -138,7 +147,7 @@ def _events(run_dir: Path) -> list[str]:
     return [json.loads(ln)["message"] for ln in (run_dir / "events.jsonl").read_text().splitlines() if ln.strip()]
 
 
-def test_ctrl_c_finishes_the_step_then_saves_it(tmp_path: Path, monkeypatch) -> None:
+def test_ctrl_c_finishes_the_step_then_saves_it(tmp_path: Path, monkeypatch, terminal_sigint) -> None:
     """One Ctrl-C during step 7: the step completes, step 7 is saved, and a resume from it gives
     the uninterrupted run's losses; the previous SIGINT handler is back afterwards."""
     full, broken = tmp_path / "full", tmp_path / "broken"
@@ -156,7 +165,8 @@ def test_ctrl_c_finishes_the_step_then_saves_it(tmp_path: Path, monkeypatch) -> 
     assert {r["step"]: r["loss"] for r in _rows(broken)} == {r["step"]: r["loss"] for r in _rows(full)}
 
 
-def test_a_second_ctrl_c_stops_mid_step_without_saving_it(tmp_path: Path, monkeypatch) -> None:
+def test_a_second_ctrl_c_stops_mid_step_without_saving_it(tmp_path: Path, monkeypatch,
+                                                         terminal_sigint) -> None:
     """Two Ctrl-C a second apart during step 7: it stops there, saves nothing of steps 5-7 (the
     update may be half done), says so, and the last interval checkpoint (4) resumes exactly."""
     full, broken = tmp_path / "full", tmp_path / "broken"
@@ -169,6 +179,18 @@ def test_a_second_ctrl_c_stops_mid_step_without_saving_it(tmp_path: Path, monkey
     assert any(m.startswith("stopped during step 7: no checkpoint of it") for m in _events(broken))
     train(_profile(broken), resume="latest")
     assert {r["step"]: r["loss"] for r in _rows(broken)} == {r["step"]: r["loss"] for r in _rows(full)}
+
+
+def test_an_ignored_sigint_stays_ignored(tmp_path: Path, monkeypatch) -> None:
+    """Started with SIGINT ignored (`nohup ... &`), training leaves it so: a SIGINT changes nothing."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        _sigint_in_step(monkeypatch, 3, presses=1)
+        res = train(_profile(tmp_path / "run", "optim.max_steps=5"))
+        assert not res.interrupted and res.steps == 5
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_ctrl_c_on_any_rank_stops_every_rank() -> None:
