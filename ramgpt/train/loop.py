@@ -63,7 +63,10 @@ def run_steps(run: Run) -> bool:
     at each step's end, so they all stop after the same step."""
     state, out = run.state, run.out
     in_step = False  # between the engine's step and the snapshot that matches it: nothing to save
-    with _CtrlC(out) as ctrl_c:
+    ctrl_c = _CtrlC(out)
+    # not where SIGINT is ignored (``nohup``, a background job) or handled from C
+    keep = signal.getsignal(signal.SIGINT) in (signal.SIG_IGN, None)
+    with contextlib.nullcontext() if keep else _sigint(ctrl_c.handle):
         try:
             while state.step < run.max_steps:
                 step = state.step + 1
@@ -122,9 +125,9 @@ def _stop_and_save(run: Run, solo: bool) -> None:
 
 
 class _CtrlC:
-    """SIGINT while the steps run: the first sets :attr:`requested` (the loop stops at the end of
-    the step), a second (a second or more later) raises KeyboardInterrupt where the main thread is. Installed only in the
-    main thread, and not where SIGINT is ignored (``nohup``, a background job)."""
+    """The steps' SIGINT handler (:meth:`handle`): the first sets :attr:`requested` (the loop stops
+    at the end of the step), a second (a second or more later) raises KeyboardInterrupt where the
+    main thread is."""
 
     MESSAGE = ("Ctrl-C: stopping at the end of this step, then saving a checkpoint "
                "(Ctrl-C again stops now, without one)")
@@ -135,22 +138,8 @@ class _CtrlC:
         self.out = out
         self.requested = False
         self._first = 0.0
-        self._installed = False
-        self._previous: Any = None
 
-    def __enter__(self) -> _CtrlC:
-        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) not in (
-                signal.SIG_IGN, None):
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-            self._installed = True
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._installed:
-            signal.signal(signal.SIGINT, self._previous)
-            self._installed = False
-
-    def _handle(self, signum: int, frame: object) -> None:
+    def handle(self, signum: int, frame: object) -> None:
         now = time.monotonic()
         if self.requested:
             if now - self._first < self.SAME_PRESS_S:
@@ -187,13 +176,18 @@ def _check_finite(run: Run, step: int, loss: float, report: Any) -> None:
 
 
 @contextlib.contextmanager
-def _sigint_ignored() -> Iterator[None]:
-    """Ignore SIGINT for the duration (main thread only; elsewhere a no-op)."""
+def _sigint(handler: Any) -> Iterator[None]:
+    """SIGINT goes to ``handler`` for the duration, then back (main thread only; elsewhere a no-op)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    previous = signal.signal(signal.SIGINT, handler)
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def _sigint_ignored() -> contextlib.AbstractContextManager[None]:
+    """Ignore SIGINT for the duration (main thread only)."""
+    return _sigint(signal.SIG_IGN)
